@@ -1,0 +1,31 @@
+# Set-up and entry points. `make test` and `make train` work on a fresh machine: they create
+# .venv, install the pinned CPU torch first, then the package (C++ extension built in place,
+# without build isolation so it compiles against that torch).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt constraints.txt $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=64" wheel
+	$(PIP) install -q -c constraints.txt "$(TORCH)"
+	$(PIP) install -q -c constraints.txt cmake ninja
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[dev,bench]"
+	$(BIN)/python -c "import aft_fast, aft_fast._C; print('aft_fast', aft_fast.__version__, aft_fast._C.build_info()['cpu_capability'])"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/bench_loss.py
+
+clean:
+	rm -rf build *.egg-info aft_fast/_C*.so

@@ -1,0 +1,51 @@
+"""AFTLossFunction: the fused operator as one autograd Function.
+
+The loss is a scalar, so its gradients are formed during forward (chunk by chunk, see
+`chunked.py`) and backward only scales them by the incoming gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aft_fast.losses import backends
+from aft_fast.losses.objectives import LossConfig, build_plan
+
+
+@dataclass(frozen=True)
+class AFTInputs:
+    rows: torch.Tensor
+    targets: torch.Tensor
+    segments: torch.Tensor
+    group: torch.Tensor
+    label: torch.Tensor
+    is_reference: torch.Tensor
+    counts: torch.Tensor
+    ref_logp: torch.Tensor | None
+    cfg: LossConfig
+    backend: str
+    chunk_size: int
+
+
+class AFTLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, inputs: AFTInputs):
+        counts = inputs.counts.to(torch.float32)
+        plan = build_plan(inputs.group, inputs.label, inputs.is_reference, inputs.counts)
+        result = backends.get(inputs.backend).aft_forward(
+            hidden, weight, bias, inputs.rows, inputs.targets, inputs.segments, counts, plan,
+            inputs.cfg, inputs.ref_logp, tuple(ctx.needs_input_grad[:3]), inputs.chunk_size,
+        )
+        scores = result.sums / counts
+        ctx.save_for_backward(*result.grads)
+        ctx.mark_non_differentiable(scores, result.vft, result.align)
+        return result.loss, scores, result.vft, result.align
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grads = ctx.saved_tensors
+        if torch.ne(grad_loss, 1.0):
+            grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
+        return (*grads, None)

@@ -1,0 +1,107 @@
+"""The public functional API (DESIGN.md section 3): `aft_loss` and `linear_logprob`.
+
+Shapes: N hidden rows, H hidden size, V vocab, T scored tokens, S segments (a segment is one
+candidate chain or one reference chain; a group is one question's segments).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aft_fast.losses import checks
+from aft_fast.losses.aft_loss import AFTInputs, AFTLossFunction
+from aft_fast.losses.chunked import default_chunk_size
+from aft_fast.losses.linear_logprob import LinearLogProbFunction, LogProbInputs
+from aft_fast.losses.objectives import LossConfig
+from aft_fast.ops.dispatch import resolve_backend
+from aft_fast.outputs import AFTOutput
+
+
+def aft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    segments: torch.Tensor,
+    group: torch.Tensor,
+    label: torch.Tensor,
+    is_reference: torch.Tensor,
+    mode: str = "bcl",
+    beta: float = 1.0,
+    w_vft: float = 1.0,
+    w_align: float = 1.0,
+    ref_logp: torch.Tensor | None = None,
+    dpo_beta: float = 0.1,
+    pro_tau: float = 1.0,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> AFTOutput:
+    """The AFT loss L = w_vft * L_vft + w_align * L_align, without materializing [T, V] logits.
+
+    Args:
+        hidden: [N, H] final-norm hidden states of every position of the packed batch (any float dtype).
+        weight: [V, H] LM head; bias: optional [V].
+        rows: [T] int64, the hidden row that predicts each scored token (rows may repeat: with prompt
+            sharing the last prompt position predicts the first token of every candidate).
+        targets: [T] int64 token ids. segments: [T] int64 in [0, S), each token's segment.
+        group: [S] int64, each segment's group (question). label: [S] int64, 1/0 for
+            positive/negative candidates, or a rank (higher is better). is_reference: [S] bool,
+            reference chains feed L_vft only.
+        mode: vft | align | dcl | bcl | dpo | rrhf | pro | dpo+bc | rrhf+bc | pro+bc (DESIGN.md 2).
+            Default "bcl": the paper's boundary-constrained loss, its best performer.
+        beta: boundary margin of bcl and +bc (B = min top-rank score - beta). Default 1.0: scores
+            are per-token log-probs, so negatives may sit one nat per token below the positives.
+        w_vft, w_align: weights of the two parts (the paper adds them: 1.0 and 1.0).
+        ref_logp: [S] summed log-prob of each segment under the frozen reference model (dpo modes).
+        dpo_beta: DPO's inverse temperature (0.1, DPO's own default). pro_tau: PRO's temperature (1.0).
+        backend: auto | triton | cpp | torch. auto: triton on CUDA, cpp on CPU when built, else torch.
+        chunk_size: scored tokens per chunk; default fills one 64 MiB [chunk, V] fp32 buffer.
+
+    Returns:
+        AFTOutput(loss, scores [S] detached, vft_loss, align_loss).
+    """
+    checks.check_projection(hidden, weight, bias)
+    checks.check_options(chunk_size=chunk_size, backend=backend)
+    checks.check_groups(hidden, group, label, is_reference, ref_logp, mode=mode, beta=beta, w_vft=w_vft,
+                        w_align=w_align, dpo_beta=dpo_beta, pro_tau=pro_tau)
+    counts = checks.check_tokens(hidden, weight, rows, targets, segments, group.numel())
+    inputs = AFTInputs(
+        rows=rows, targets=targets, segments=segments, group=group, label=label,
+        is_reference=is_reference, counts=counts, ref_logp=ref_logp,
+        cfg=LossConfig(mode=mode, beta=float(beta), w_vft=float(w_vft), w_align=float(w_align),
+                       dpo_beta=float(dpo_beta), pro_tau=float(pro_tau)),
+        backend=resolve_backend(backend, hidden.device),
+        chunk_size=chunk_size or default_chunk_size(weight.shape[0], rows.numel()),
+    )
+    loss, scores, vft, align = AFTLossFunction.apply(hidden, weight, bias, inputs)
+    return AFTOutput(loss=loss, scores=scores, vft_loss=vft, align_loss=align)
+
+
+def linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    segments: torch.Tensor,
+    num_segments: int,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-segment sums of log p(targets[t] | hidden[rows[t]]) under the LM head: [S] float32.
+
+    Differentiable to hidden, weight and bias; memory stays O(chunk x V). Use it to build losses
+    other than `aft_loss` (the scores are sums / token counts). Arguments as in `aft_loss`.
+    """
+    checks.check_projection(hidden, weight, bias)
+    checks.check_options(chunk_size=chunk_size, backend=backend)
+    checks.check_tokens(hidden, weight, rows, targets, segments, num_segments)
+    inputs = LogProbInputs(
+        rows=rows, targets=targets, segments=segments, num_segments=num_segments,
+        backend=resolve_backend(backend, hidden.device),
+        chunk_size=chunk_size or default_chunk_size(weight.shape[0], rows.numel()),
+    )
+    return LinearLogProbFunction.apply(hidden, weight, bias, inputs)

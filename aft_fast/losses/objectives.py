@@ -1,0 +1,196 @@
+"""The loss family of DESIGN.md section 2, vectorized over [S] segment sums.
+
+This is the cheap half of the fused operator and the one place its math is written for the CPU
+backends: given each segment's summed log-prob it returns L = w_vft * L_vft + w_align * L_align,
+and autograd on these few small tensors gives d(loss)/d(sum) for the heavy pass.
+
+Everything that depends only on labels (which candidate pairs exist, which groups count, which
+candidates hold the top rank) is built once per call in a `GroupPlan`, sorted by group, so the
+fused chunk loop can take the slice of the plan that belongs to the groups of one chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Options of the loss; defaults are those of `aft_fast.aft_loss`."""
+
+    mode: str = "bcl"
+    beta: float = 1.0
+    w_vft: float = 1.0
+    w_align: float = 1.0
+    dpo_beta: float = 0.1
+    pro_tau: float = 1.0
+
+    @property
+    def base(self) -> str:
+        return self.mode.partition("+")[0]
+
+    @property
+    def boundary_constraint(self) -> bool:
+        return self.mode.endswith("+bc")
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Label-only structure of a batch of segments. Arrays named *_group are sorted by group.
+
+    num_groups: G, the number of distinct group ids (groups are renumbered 0..G-1).
+    num_valid:  groups with at least one pair: the denominator of L_align (global, kept by slices).
+    ref_tokens: scored tokens of reference chains: the denominator of L_vft (global, likewise).
+    seg_group:  [S] each segment's renumbered group.
+    pair_i, pair_j, pair_group: [P] candidate pairs with label[i] > label[j] (i plays the positive).
+    top_seg, top_group: [K] candidates at their group's top rank, in groups that have a pair.
+    ref_seg, ref_group: [R] reference segments.
+    """
+
+    num_groups: int
+    num_valid: int
+    ref_tokens: int
+    seg_group: torch.Tensor
+    pair_i: torch.Tensor
+    pair_j: torch.Tensor
+    pair_group: torch.Tensor
+    top_seg: torch.Tensor
+    top_group: torch.Tensor
+    ref_seg: torch.Tensor
+    ref_group: torch.Tensor
+
+    def slice_groups(self, start: int, end: int) -> GroupPlan:
+        """The part of the plan that belongs to groups start..end-1 (normalizers unchanged)."""
+
+        def cut(idx: torch.Tensor, *arrays: torch.Tensor) -> list[torch.Tensor]:
+            bounds = torch.searchsorted(idx, torch.tensor([start, end], device=idx.device)).tolist()
+            return [a[bounds[0] : bounds[1]] for a in arrays]
+
+        pair_i, pair_j, pair_group = cut(self.pair_group, self.pair_i, self.pair_j, self.pair_group)
+        top_seg, top_group = cut(self.top_group, self.top_seg, self.top_group)
+        ref_seg, ref_group = cut(self.ref_group, self.ref_seg, self.ref_group)
+        return replace(
+            self, pair_i=pair_i, pair_j=pair_j, pair_group=pair_group,
+            top_seg=top_seg, top_group=top_group, ref_seg=ref_seg, ref_group=ref_group,
+        )
+
+
+def build_plan(
+    group: torch.Tensor, label: torch.Tensor, is_reference: torch.Tensor, counts: torch.Tensor
+) -> GroupPlan:
+    """Enumerate the pairs of every group from labels alone. group, label [S] int64; counts [S]."""
+    uniq, seg_group = torch.unique(group, return_inverse=True)
+    num_groups = uniq.numel()
+    order = torch.argsort(seg_group, stable=True)
+    sizes = torch.bincount(seg_group, minlength=num_groups)
+    starts = torch.cumsum(sizes, 0) - sizes
+
+    # All ordered (a, b) position pairs inside each group, enumerated in group order.
+    pos_group = seg_group[order]
+    reps = sizes[pos_group]
+    a = torch.repeat_interleave(torch.arange(order.numel(), device=group.device), reps)
+    offset = torch.arange(a.numel(), device=group.device) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
+    b = starts[pos_group[a]] + offset
+    i, j = order[a], order[b]
+    candidate = ~is_reference
+    keep = candidate[i] & candidate[j] & (label[i] > label[j])
+    pair_i, pair_j = i[keep], j[keep]
+    pair_group = seg_group[pair_i]
+    valid = torch.bincount(pair_group, minlength=num_groups) > 0
+
+    # The top rank of each group is the highest label among its candidates.
+    floor = label.min() - 1
+    top_rank = torch.full((num_groups,), int(floor), dtype=label.dtype, device=label.device)
+    top_rank = top_rank.scatter_reduce(0, seg_group, torch.where(candidate, label, floor), "amax")
+    is_top = candidate & (label == top_rank[seg_group]) & valid[seg_group]
+    top_seg = order[is_top[order]]
+    ref_seg = order[is_reference[order]]
+    return GroupPlan(
+        num_groups=num_groups,
+        num_valid=int(valid.sum()),
+        ref_tokens=int(counts[is_reference].sum()),
+        seg_group=seg_group,
+        pair_i=pair_i,
+        pair_j=pair_j,
+        pair_group=pair_group,
+        top_seg=top_seg,
+        top_group=seg_group[top_seg],
+        ref_seg=ref_seg,
+        ref_group=seg_group[ref_seg],
+    )
+
+
+def _log1p_sum_exp(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Per bucket: log(1 + sum of exp(values) in that bucket). Empty buckets give 0."""
+    shift = torch.zeros(size, dtype=values.dtype, device=values.device)
+    shift = shift.scatter_reduce(0, index, values.detach(), "amax")  # includes the 0 of the "1 +"
+    total = torch.exp(-shift).index_add(0, index, torch.exp(values - shift[index]))
+    return shift + torch.log(total)
+
+
+def objective(
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    plan: GroupPlan,
+    cfg: LossConfig,
+    ref_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, L_vft part, L_align part) of the groups in `plan`, from sums [S] and counts [S].
+
+    On a slice of the plan this is that slice's share: the shares of all slices add up to the loss.
+    """
+    zero = sums.new_zeros(())
+    vft = -sums[plan.ref_seg].sum() / plan.ref_tokens if plan.ref_tokens else zero
+    align = zero
+    if cfg.mode != "vft" and plan.num_valid and plan.pair_i.numel():
+        align = _group_losses(sums, counts, plan, cfg, ref_logp).sum() / plan.num_valid
+    return cfg.w_vft * vft + cfg.w_align * align, vft, align
+
+
+def _group_losses(
+    sums: torch.Tensor, counts: torch.Tensor, plan: GroupPlan, cfg: LossConfig, ref_logp: torch.Tensor | None
+) -> torch.Tensor:
+    """[G] loss of each group (0 for groups outside the plan's pairs)."""
+    scores = sums / counts
+    G, pg = plan.num_groups, plan.pair_group
+    si, sj = scores[plan.pair_i], scores[plan.pair_j]
+    base = cfg.base
+
+    threshold = None
+    if base == "bcl" or cfg.boundary_constraint:
+        # B = min over the top rank - beta; T_ij = sg(2B - s_i) (stop-gradient as a whole).
+        top = torch.full((G,), float("inf"), dtype=scores.dtype, device=scores.device)
+        top = top.scatter_reduce(0, plan.top_group, scores[plan.top_seg].detach(), "amin")
+        threshold = (2 * (top[pg] - cfg.beta) - si).detach()
+
+    if base == "align":
+        loss = _log1p_sum_exp(sj - si, pg, G)
+    elif base == "dcl":
+        loss = _log1p_sum_exp(sj.detach() - si, pg, G)
+    elif base == "bcl":
+        loss = _log1p_sum_exp(torch.cat([sj - si, threshold - sj]), torch.cat([pg, pg]), G)
+    elif base == "dpo":
+        delta = sums - ref_logp.to(sums.dtype)
+        pair_loss = -F.logsigmoid(cfg.dpo_beta * (delta[plan.pair_i] - delta[plan.pair_j]))
+        num_pairs = torch.bincount(pg, minlength=G).clamp(min=1).to(sums.dtype)
+        loss = sums.new_zeros(G).index_add(0, pg, pair_loss) / num_pairs
+    elif base == "rrhf":
+        loss = sums.new_zeros(G).index_add(0, pg, torch.relu(sj - si))
+    elif base == "pro":
+        # Each candidate i above its group's lowest rank: -log softmax of s_i/tau over {i} + {j below i}.
+        z = scores / cfg.pro_tau
+        zj = z[plan.pair_j]
+        shift = z.detach().scatter_reduce(0, plan.pair_i, zj.detach(), "amax")
+        total = torch.exp(z - shift).index_add(0, plan.pair_i, torch.exp(zj - shift[plan.pair_i]))
+        upper = torch.bincount(plan.pair_i, minlength=z.numel()) > 0
+        per_candidate = torch.where(upper, shift + torch.log(total) - z, torch.zeros_like(z))
+        loss = sums.new_zeros(G).index_add(0, plan.seg_group, per_candidate)
+    else:
+        raise ValueError(f"mode: unknown mode {cfg.mode!r}")
+
+    if cfg.boundary_constraint:
+        loss = loss + _log1p_sum_exp(threshold - sj, pg, G)
+    return loss

@@ -1,0 +1,1 @@
+"""Backends of the fused operator: chunk primitives (torch, C++) and backend selection."""

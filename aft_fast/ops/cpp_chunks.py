@@ -1,0 +1,38 @@
+"""Thin wrappers over the C++ chunk ops `torch.ops.aft_fast.*` (csrc/), same signatures as
+`aft_fast.ops.torch_chunks`, plus their fake (shape-only) implementations for torch.compile."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from aft_fast import _C  # noqa: F401  (loading the module registers the ops)
+
+    AVAILABLE = True
+    BUILD_ERROR = None
+except ImportError as exc:  # not built: backend "auto" falls back to torch
+    AVAILABLE = False
+    BUILD_ERROR = str(exc)
+
+
+def chunk_logprob(h, weight, bias, targets, buf, lse=None, segments=None, sums=None):
+    return torch.ops.aft_fast.chunk_logprob(h, weight, bias, targets, buf, lse, segments, sums)
+
+
+def chunk_grad(probs, coef, targets, h, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:
+    torch.ops.aft_fast.chunk_grad(probs, coef, targets, h, weight, rows, grad_hidden, grad_weight, grad_bias)
+
+
+if AVAILABLE:
+
+    @torch.library.register_fake("aft_fast::chunk_logprob")
+    def _(h, weight, bias, targets, buf, lse, segments, sums):
+        return h.new_empty(h.shape[0], dtype=torch.float32), h.new_empty(h.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("aft_fast::chunk_grad")
+    def _(probs, coef, targets, h, weight, rows, grad_hidden, grad_weight, grad_bias):
+        return None
+
+
+def build_info() -> dict:
+    return _C.build_info() if AVAILABLE else {"error": BUILD_ERROR}

@@ -1,0 +1,34 @@
+// The one registry of aft_fast's C++ ops, and the Python module that loading them needs.
+#include "ops.h"
+
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+
+#ifndef AFT_FAST_CPU_CAPABILITY
+#define AFT_FAST_CPU_CAPABILITY "DEFAULT"
+#endif
+
+TORCH_LIBRARY(aft_fast, m) {
+  m.def(
+      "chunk_logprob(Tensor h, Tensor weight, Tensor? bias, Tensor targets, Tensor(a!) buf, "
+      "Tensor? lse, Tensor? segments, Tensor(b!)? sums) -> (Tensor, Tensor)");
+  m.def(
+      "chunk_grad(Tensor(a!) probs, Tensor coef, Tensor targets, Tensor h, Tensor weight, Tensor rows, "
+      "Tensor(b!)? grad_hidden, Tensor(c!)? grad_weight, Tensor(d!)? grad_bias) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(aft_fast, CPU, m) {
+  m.impl("chunk_logprob", &aft_fast::chunk_logprob);
+  m.impl("chunk_grad", &aft_fast::chunk_grad);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "aft_fast C++ CPU ops; loading this module registers torch.ops.aft_fast.*";
+  m.def("build_info", []() {
+    pybind11::dict info;
+    info["cpu_capability"] = AFT_FAST_CPU_CAPABILITY;
+    info["parallel"] = at::get_parallel_info();
+    return info;
+  });
+}

@@ -1,0 +1,209 @@
+// CPU kernels of the fused linear log-prob: one chunk of scored tokens at a time.
+//
+// The matrix products go through ATen (MKL / oneDNN). What is fused here is everything between
+// them: per row of the logits buffer, one read for the max, one pass that exponentiates in place
+// while summing, one scaling pass, all while the row (V floats) sits in L2. Rows are spread over
+// ATen's OpenMP threads.
+#include "ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+
+namespace aft_fast {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+void check_f32_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, name, ": expected 2-D, got ", t.dim(), "-D");
+}
+
+void check_index(const at::Tensor& t, const char* name, int64_t length) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1,
+              name, ": expected a 1-D int64 CPU tensor");
+  TORCH_CHECK(t.numel() == length, name, ": expected length ", length, ", got ", t.numel());
+}
+
+float row_max(const float* z, int64_t n) {
+  int64_t i = 0;
+  Vec acc(-std::numeric_limits<float>::infinity());
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(z + i));
+  float m = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, acc);
+  for (; i < n; ++i) m = std::max(m, z[i]);
+  return m;
+}
+
+// z <- exp(z - shift) in place; returns the sum of the new values.
+float exp_shift_sum(float* z, int64_t n, float shift) {
+  int64_t i = 0;
+  const Vec vshift(shift);
+  Vec acc(0.f);
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec e = (Vec::loadu(z + i) - vshift).exp_u20();
+    e.store(z + i);
+    acc = acc + e;
+  }
+  float s = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, acc);
+  for (; i < n; ++i) {
+    z[i] = std::exp(z[i] - shift);
+    s += z[i];
+  }
+  return s;
+}
+
+void scale(float* z, int64_t n, float factor) {
+  int64_t i = 0;
+  const Vec f(factor);
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(z + i) * f).store(z + i);
+  for (; i < n; ++i) z[i] *= factor;
+}
+
+void add(float* z, const float* b, int64_t n) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(z + i) + Vec::loadu(b + i)).store(z + i);
+  for (; i < n; ++i) z[i] += b[i];
+}
+
+// Grain of the row loop: a few rows per task keeps each thread streaming whole rows.
+constexpr int64_t kRowGrain = 4;
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> chunk_logprob(
+    const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, at::Tensor& buf, const std::optional<at::Tensor>& lse,
+    const std::optional<at::Tensor>& segments, const std::optional<at::Tensor>& sums) {
+  check_f32_2d(h, "h");
+  check_f32_2d(weight, "weight");
+  check_f32_2d(buf, "buf");
+  const int64_t c = h.size(0), V = weight.size(0);
+  TORCH_CHECK(weight.size(1) == h.size(1), "weight: hidden size ", weight.size(1), " != h's ", h.size(1));
+  TORCH_CHECK(buf.size(0) == c && buf.size(1) == V && buf.is_contiguous(),
+              "buf: expected a contiguous [", c, ", ", V, "] buffer");
+  check_index(targets, "targets", c);
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == V && bias->is_contiguous(),
+                "bias: expected a contiguous float32 [", V, "]");
+  }
+  if (lse) {
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->numel() == c, "lse: expected float32 [", c, "]");
+  }
+  TORCH_CHECK(segments.has_value() == sums.has_value(), "segments and sums: give both or neither");
+
+  at::mm_out(buf, h, weight.t());
+
+  auto opts = h.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({c}, opts);
+  at::Tensor lse_out = lse ? lse->contiguous() : at::empty({c}, opts);
+  at::Tensor tgt = targets.contiguous();
+  const int64_t* tp = tgt.data_ptr<int64_t>();
+  float* zp = buf.data_ptr<float>();
+  float* lp = logp.data_ptr<float>();
+  float* sp = lse_out.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  const bool have_lse = lse.has_value();
+  std::atomic<int64_t> bad{-1};
+
+  at::parallel_for(0, c, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* z = zp + r * V;
+      if (bp) add(z, bp, V);
+      const int64_t t = tp[r];
+      if (t < 0 || t >= V) {
+        bad.store(r);
+        continue;
+      }
+      const float target_logit = z[t];
+      float l;
+      if (have_lse) {
+        l = sp[r];
+        exp_shift_sum(z, V, l);
+      } else {
+        const float m = row_max(z, V);
+        const float s = exp_shift_sum(z, V, m);
+        scale(z, V, 1.f / s);
+        l = m + std::log(s);
+      }
+      lp[r] = target_logit - l;
+      sp[r] = l;
+    }
+  });
+  TORCH_CHECK(bad.load() < 0, "targets: token id ", bad.load() >= 0 ? tp[bad.load()] : 0,
+              " at position ", bad.load(), " is outside the vocabulary [0, ", V, ")");
+
+  if (segments) {
+    check_index(*segments, "segments", c);
+    TORCH_CHECK(sums->scalar_type() == at::kFloat && sums->dim() == 1 && sums->is_contiguous(),
+                "sums: expected a contiguous 1-D float32 tensor");
+    const int64_t* seg = segments->data_ptr<int64_t>();
+    float* acc = sums->data_ptr<float>();
+    const int64_t S = sums->numel();
+    for (int64_t r = 0; r < c; ++r) {
+      TORCH_CHECK(seg[r] >= 0 && seg[r] < S, "segments: id ", seg[r], " outside [0, ", S, ")");
+      acc[seg[r]] += lp[r];
+    }
+  }
+  return {logp, lse_out};
+}
+
+void chunk_grad(
+    at::Tensor& probs, const at::Tensor& coef, const at::Tensor& targets, const at::Tensor& h,
+    const at::Tensor& weight, const at::Tensor& rows, const std::optional<at::Tensor>& grad_hidden,
+    const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias) {
+  check_f32_2d(probs, "probs");
+  check_f32_2d(h, "h");
+  check_f32_2d(weight, "weight");
+  const int64_t c = probs.size(0), V = probs.size(1);
+  TORCH_CHECK(probs.is_contiguous() && weight.size(0) == V, "probs: expected a contiguous [c, V] buffer");
+  TORCH_CHECK(h.size(0) == c, "h: expected ", c, " rows, got ", h.size(0));
+  check_index(targets, "targets", c);
+  check_index(rows, "rows", c);
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.numel() == c, "coef: expected float32 [", c, "]");
+
+  at::Tensor cf = coef.contiguous();
+  at::Tensor tgt = targets.contiguous();
+  const float* cp = cf.data_ptr<float>();
+  const int64_t* tp = tgt.data_ptr<int64_t>();
+  float* zp = probs.data_ptr<float>();
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, c, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* z = zp + r * V;
+      if (tp[r] < 0 || tp[r] >= V) {
+        bad.store(r);
+        continue;
+      }
+      scale(z, V, -cp[r]);
+      z[tp[r]] += cp[r];
+    }
+  });
+  TORCH_CHECK(bad.load() < 0, "targets: token id outside the vocabulary at position ", bad.load());
+
+  if (grad_hidden) {
+    TORCH_CHECK(grad_hidden->scalar_type() == at::kFloat, "grad_hidden: expected float32");
+    TORCH_CHECK(rows.numel() == 0 || (rows.min().item<int64_t>() >= 0 &&
+                                      rows.max().item<int64_t>() < grad_hidden->size(0)),
+                "rows: index outside grad_hidden's ", grad_hidden->size(0), " rows");
+    grad_hidden->index_add_(0, rows, at::mm(probs, weight));
+  }
+  if (grad_weight) {
+    TORCH_CHECK(grad_weight->scalar_type() == at::kFloat && grad_weight->sizes() == weight.sizes(),
+                "grad_weight: expected float32 of weight's shape");
+    grad_weight->addmm_(probs.t(), h);
+  }
+  if (grad_bias) {
+    TORCH_CHECK(grad_bias->scalar_type() == at::kFloat && grad_bias->numel() == V,
+                "grad_bias: expected float32 [", V, "]");
+    grad_bias->add_(probs.sum(0));
+  }
+}
+
+}  // namespace aft_fast
