@@ -26,7 +26,7 @@ class AFTInputs:
     ref_logp: torch.Tensor | None
     cfg: LossConfig
     backend: str
-    chunk_size: int
+    chunk_size: int | None
 
 
 class AFTLossFunction(torch.autograd.Function):

@@ -57,7 +57,9 @@ def aft_loss(
         ref_logp: [S] summed log-prob of each segment under the frozen reference model (dpo modes).
         dpo_beta: DPO's inverse temperature (0.1, DPO's own default). pro_tau: PRO's temperature (1.0).
         backend: auto | triton | cpp | torch. auto: triton on CUDA, cpp on CPU when built, else torch.
-        chunk_size: scored tokens per chunk; default fills one 64 MiB [chunk, V] fp32 buffer.
+        chunk_size: scored tokens per chunk. Default: a 64 MiB [chunk, V] fp32 buffer, grown (up to
+            256 MiB) to the largest group, so that chunks hold whole groups and the gradient is
+            formed in the same pass as the loss.
 
     Returns:
         AFTOutput(loss, scores [S] detached, vft_loss, align_loss).
@@ -73,7 +75,7 @@ def aft_loss(
         cfg=LossConfig(mode=mode, beta=float(beta), w_vft=float(w_vft), w_align=float(w_align),
                        dpo_beta=float(dpo_beta), pro_tau=float(pro_tau)),
         backend=resolve_backend(backend, hidden.device),
-        chunk_size=chunk_size or default_chunk_size(weight.shape[0], rows.numel()),
+        chunk_size=chunk_size,
     )
     loss, scores, vft, align = AFTLossFunction.apply(hidden, weight, bias, inputs)
     return AFTOutput(loss=loss, scores=scores, vft_loss=vft, align_loss=align)

@@ -50,7 +50,7 @@ def chunk_grad(
     """
     probs.mul_(-coef[:, None]).scatter_add_(1, targets[:, None], coef[:, None])
     if grad_hidden is not None:
-        grad_hidden.index_add_(0, rows, probs @ weight)
+        grad_hidden.index_put_((rows,), probs @ weight, accumulate=True)  # index_add_ is slow on CPU
     if grad_weight is not None:
         grad_weight.addmm_(probs.t(), h)
     if grad_bias is not None:
