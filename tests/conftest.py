@@ -8,20 +8,27 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+# Triton runs CPU tensors only under its interpreter, and picks interpreter or compiler when a kernel
+# module is imported: switch it on here, before any test imports aft_fast.kernels, on machines
+# without CUDA. Set TRITON_INTERPRET=0 to skip the (slow) interpreted triton tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tolerance rule (STYLE.md 5): gold = reference on fp64-upcast inputs, ref = reference in the test
 # dtype; require max|ours - gold| <= 2 * max|ref - gold| + ATOL[dtype].
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float64: 1e-10}
 
 
 def backends_under_test() -> list[str]:
-    """cpp and torch always; triton where it can run (CUDA, or the interpreter in this process)."""
+    """torch always, cpp when built, triton under the interpreter: the suites that use this build CPU
+    tensors (on a CUDA machine tests/test_triton_backend.py runs triton on CUDA tensors instead)."""
     from aft_fast.ops import cpp_chunks
-    from aft_fast.ops.dispatch import triton_backend_available
+    from aft_fast.ops.dispatch import triton_backend_available, triton_runs_on
 
     names = ["torch"]
     if cpp_chunks.AVAILABLE:
         names.append("cpp")
-    if triton_backend_available() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton_backend_available() and triton_runs_on(torch.device("cpu")):
         names.append("triton")
     return names
 
