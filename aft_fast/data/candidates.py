@@ -1,0 +1,223 @@
+"""Sampled candidate files: one JSON line per question group (DESIGN.md section 1).
+
+Schema::
+
+    {"id": str, "question": str, "gold": str, "kind"?: "number" | "option", "reference"?: str,
+     "candidates": [{"text": str, "correct"?: bool, "rank"?: int, "ref_logp"?: float}, ...]}
+
+``question`` is the question as shown to the model (options included), i.e. what `prompt_text` wraps.
+``kind`` defaults to "option" when ``gold`` is a single letter A-E and "number" otherwise. Within a group
+either every candidate has a ``rank`` (ranked feedback, higher is better) or none has. Unknown keys are
+ignored, so files with extra metadata (sampling temperature, extracted answers) still load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from aft_fast.data.answers import KINDS, OPTION_LETTERS, answers_match, extract_answer
+from aft_fast.data.formats import DataError, Example
+
+
+@dataclass
+class Candidate:
+    """One sampled chain. ``correct``: binary label; ``rank``: ranked feedback (higher is better);
+    ``ref_logp``: summed log-prob under the reference model (for the ``dpo`` baseline)."""
+
+    text: str
+    correct: bool | None = None
+    rank: int | None = None
+    ref_logp: float | None = None
+
+
+@dataclass
+class CandidateGroup:
+    """A question with its sampled candidates; ``reference`` (if any) feeds L_vft."""
+
+    id: str
+    question: str
+    gold: str
+    kind: str
+    reference: str | None
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def labels(self) -> list[int]:
+        """Per-candidate labels for the loss: the rank where given, else 1 (correct) / 0 (wrong)."""
+        if len({c.rank is None for c in self.candidates}) > 1:
+            raise ValueError(f"group {self.id!r}: mixes ranked and unranked candidates")
+        out = []
+        for i, c in enumerate(self.candidates):
+            if c.rank is not None:
+                out.append(int(c.rank))
+            elif c.correct is not None:
+                out.append(int(c.correct))
+            else:
+                raise ValueError(f"group {self.id!r}: candidate {i} has neither 'rank' nor 'correct'")
+        return out
+
+    @classmethod
+    def from_example(cls, example: Example, candidates: list[Candidate] | None = None) -> CandidateGroup:
+        return cls(
+            example.id,
+            example.question,
+            example.gold,
+            example.kind,
+            example.reference,
+            list(candidates or []),
+        )
+
+
+def infer_kind(gold: str) -> str:
+    """The kind a gold implies: "option" for one letter A-E, else "number" (when "kind" is absent)."""
+    g = gold.strip().strip("()").strip()
+    return "option" if len(g) == 1 and g in OPTION_LETTERS else "number"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parse_candidate(path: Path, line: int, j: int, obj: Any) -> Candidate:
+    where = f"candidates[{j}]"
+    if not isinstance(obj, dict):
+        raise DataError(path, line, f"{where} must be an object, got {type(obj).__name__}")
+    text = obj.get("text")
+    if not isinstance(text, str):
+        raise DataError(path, line, f"{where}: missing or non-string 'text'")
+    correct = obj.get("correct")
+    if correct is not None and not isinstance(correct, bool):
+        raise DataError(path, line, f"{where}: 'correct' must be true/false, got {correct!r}")
+    rank = obj.get("rank")
+    if rank is not None and not _is_int(rank):
+        # 2.0 from a float-writing tool is accepted; 2.5 is not a rank.
+        if isinstance(rank, float) and rank.is_integer():
+            rank = int(rank)
+        else:
+            raise DataError(path, line, f"{where}: 'rank' must be an integer, got {rank!r}")
+    ref_logp = obj.get("ref_logp")
+    if ref_logp is not None:
+        if (
+            isinstance(ref_logp, bool)
+            or not isinstance(ref_logp, (int, float))
+            or not math.isfinite(ref_logp)
+        ):
+            raise DataError(path, line, f"{where}: 'ref_logp' must be a finite number, got {ref_logp!r}")
+        ref_logp = float(ref_logp)
+    return Candidate(text, correct, rank, ref_logp)
+
+
+def _parse_group(path: Path, line: int, obj: Any) -> CandidateGroup:
+    if not isinstance(obj, dict):
+        raise DataError(path, line, f"expected a JSON object, got {type(obj).__name__}")
+    for key in ("id", "question", "gold", "candidates"):
+        if key not in obj or obj[key] is None:
+            raise DataError(path, line, f"missing field {key!r}")
+    gid, gold = obj["id"], obj["gold"]
+    if not (isinstance(gid, str) or _is_int(gid)) or not str(gid).strip():
+        raise DataError(path, line, f"'id' must be a non-empty string, got {gid!r}")
+    if not isinstance(obj["question"], str) or not obj["question"].strip():
+        raise DataError(path, line, "'question' must be a non-empty string")
+    # A gold written as a JSON number (72) is common in hand-made files; keep its text.
+    if _is_int(gold) or isinstance(gold, float):
+        gold = str(gold)
+    if not isinstance(gold, str) or not gold.strip():
+        raise DataError(path, line, f"'gold' must be a non-empty string, got {gold!r}")
+    kind = obj.get("kind") or infer_kind(gold)
+    if kind not in KINDS:
+        raise DataError(path, line, f"'kind' must be one of {KINDS}, got {kind!r}")
+    reference = obj.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        raise DataError(path, line, "'reference' must be a string")
+    raw = obj["candidates"]
+    if not isinstance(raw, list):
+        raise DataError(path, line, f"'candidates' must be a list, got {type(raw).__name__}")
+    cands = [_parse_candidate(path, line, j, c) for j, c in enumerate(raw)]
+    if len({c.rank is None for c in cands}) > 1:
+        raise DataError(path, line, "some candidates have 'rank' and some do not; rank all or none")
+    return CandidateGroup(str(gid), obj["question"], gold, kind, reference, cands)
+
+
+def read_candidates(path: str | Path) -> list[CandidateGroup]:
+    """Read a candidate JSONL file. Raises `DataError` ("<path>:<line>: ...") on bad JSON, a missing or
+    ill-typed field, a duplicate group id, or an empty file. Blank lines are skipped."""
+    path = Path(path)
+    groups: list[CandidateGroup] = []
+    seen: dict[str, int] = {}
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise DataError(path, i, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+            if not text:
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(path, i, f"bad JSON: {e.msg} (column {e.colno})") from None
+            group = _parse_group(path, i, obj)
+            if group.id in seen:
+                raise DataError(path, i, f"duplicate group id {group.id!r} (first on line {seen[group.id]})")
+            seen[group.id] = i
+            groups.append(group)
+    if not groups:
+        raise DataError(path, 1, "empty file: no candidate groups")
+    return groups
+
+
+def group_to_json(group: CandidateGroup) -> dict[str, Any]:
+    """The schema's JSON object for a group; unset optional fields are left out."""
+    obj: dict[str, Any] = {"id": group.id, "question": group.question, "gold": group.gold, "kind": group.kind}
+    if group.reference is not None:
+        obj["reference"] = group.reference
+    cands = []
+    for c in group.candidates:
+        d: dict[str, Any] = {"text": c.text}
+        if c.correct is not None:
+            d["correct"] = bool(c.correct)
+        if c.rank is not None:
+            d["rank"] = int(c.rank)
+        if c.ref_logp is not None:
+            d["ref_logp"] = float(c.ref_logp)
+        cands.append(d)
+    obj["candidates"] = cands
+    return obj
+
+
+def write_candidates(path: str | Path, groups: Iterable[CandidateGroup]) -> None:
+    """Write groups as JSONL atomically (temp file in the same folder, then os.replace), so a crash
+    mid-write never leaves a truncated file where a later stage would read it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for g in groups:
+                f.write(json.dumps(group_to_json(g), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def label_candidates(group: CandidateGroup, texts: list[str]) -> CandidateGroup:
+    """A copy of `group` whose candidates are `texts` without exact duplicates (first kept, order
+    preserved), each labeled correct when its extracted answer matches the group's gold."""
+    seen: set[str] = set()
+    cands = []
+    for t in texts:
+        if t in seen:
+            continue
+        seen.add(t)
+        pred = extract_answer(t, group.kind)
+        cands.append(Candidate(t, correct=answers_match(pred, group.gold, group.kind)))
+    return replace(group, candidates=cands)

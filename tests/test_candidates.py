@@ -1,0 +1,166 @@
+"""Candidate files: reading the schema, validation errors, atomic round trips and labeling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aft_fast.data.candidates import (
+    Candidate,
+    CandidateGroup,
+    label_candidates,
+    read_candidates,
+    write_candidates,
+)
+from aft_fast.data.formats import DataError, read_examples
+
+DATA = Path(__file__).parent / "data"
+
+
+def _write(path: Path, objs: list) -> Path:
+    path.write_text("\n".join(o if isinstance(o, str) else json.dumps(o) for o in objs) + "\n")
+    return path
+
+
+def _raises(path: Path, line: int, *words: str) -> None:
+    with pytest.raises(DataError) as info:
+        read_candidates(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:{line}: "), msg
+    for w in words:
+        assert w in msg, msg
+
+
+GOOD = {"id": "g0", "question": "q", "gold": "7", "candidates": [{"text": "#### 7", "correct": True}]}
+
+
+def test_read_sample():
+    path = DATA / "candidates_sample.jsonl"
+    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    groups = read_candidates(path)
+    assert [g.id for g in groups] == [r["id"] for r in raw]
+    g0, g1 = groups
+    assert g0.kind == "number" and g1.kind == "option"  # g0 omits "kind": inferred from its gold
+    assert g0.reference == raw[0]["reference"] and g1.reference is None
+    assert [c.text for c in g0.candidates] == [c["text"] for c in raw[0]["candidates"]]
+    assert g0.labels() == [int(c["correct"]) for c in raw[0]["candidates"]]
+    assert g1.labels() == [c["rank"] for c in raw[1]["candidates"]]
+    assert [c.ref_logp for c in g0.candidates] == [c["ref_logp"] for c in raw[0]["candidates"]]
+
+
+def test_round_trip(tmp_path):
+    groups = read_candidates(DATA / "candidates_sample.jsonl")
+    groups.append(
+        CandidateGroup(
+            "extra",
+            "Q?",
+            "0.5",
+            "number",
+            None,
+            [Candidate("a"), Candidate("b", correct=False, ref_logp=-3.25), Candidate("ü ½", correct=True)],
+        )
+    )
+    groups.append(CandidateGroup("empty", "Q2?", "1", "number", "#### 1", []))
+    path = tmp_path / "out" / "cands.jsonl"
+    write_candidates(path, groups)
+    assert read_candidates(path) == groups
+    # Unset optional fields are left out of the file.
+    extra = json.loads(path.read_text().splitlines()[2])
+    assert extra["candidates"][0] == {"text": "a"} and "reference" not in extra
+
+
+def test_write_is_atomic(tmp_path):
+    path = tmp_path / "c.jsonl"
+    groups = read_candidates(DATA / "candidates_sample.jsonl")
+    write_candidates(path, groups)
+    before = path.read_bytes()
+
+    def failing():
+        yield groups[0]
+        raise RuntimeError("sampler crashed")
+
+    with pytest.raises(RuntimeError):
+        write_candidates(path, failing())
+    assert path.read_bytes() == before  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]  # no temp file left behind
+
+
+def test_validation_errors(tmp_path):
+    cases = [
+        ("[1, 2", "bad JSON"),
+        ("[1, 2]", "object"),
+        ({k: v for k, v in GOOD.items() if k != "gold"}, "'gold'"),
+        ({k: v for k, v in GOOD.items() if k != "candidates"}, "'candidates'"),
+        ({**GOOD, "candidates": {"text": "x"}}, "list"),
+        ({**GOOD, "candidates": ["x"]}, "candidates[0]"),
+        ({**GOOD, "candidates": [{"correct": True}]}, "'text'"),
+        ({**GOOD, "candidates": [{"text": "x", "correct": "yes"}]}, "'correct'"),
+        ({**GOOD, "candidates": [{"text": "x", "rank": 2.5}]}, "'rank'"),
+        ({**GOOD, "candidates": [{"text": "x", "rank": True}]}, "'rank'"),
+        ({**GOOD, "candidates": [{"text": "x", "ref_logp": "low"}]}, "'ref_logp'"),
+        (
+            {**GOOD, "candidates": [{"text": "x", "rank": 1}, {"text": "y", "correct": False}]},
+            "rank all or none",
+        ),
+        ({**GOOD, "kind": "letter"}, "'kind'"),
+        ({**GOOD, "question": ""}, "'question'"),
+        ({**GOOD, "id": None}, "'id'"),
+        ({**GOOD, "gold": True}, "'gold'"),
+        ({**GOOD, "reference": 3}, "'reference'"),
+    ]
+    for n, (bad, word) in enumerate(cases):
+        path = _write(tmp_path / f"c{n}.jsonl", [GOOD | {"id": "first"}, "", bad])
+        _raises(path, 3, word)
+
+
+def test_duplicate_id_and_empty_file(tmp_path):
+    _raises(_write(tmp_path / "d.jsonl", [GOOD, GOOD]), 2, "duplicate", "line 1")
+    (tmp_path / "e.jsonl").write_text("")
+    _raises(tmp_path / "e.jsonl", 1, "empty")
+    (tmp_path / "b.jsonl").write_text("\n\n")
+    _raises(tmp_path / "b.jsonl", 1, "empty")
+
+
+def test_lenient_spellings(tmp_path):
+    # A numeric gold written as a JSON number, an integral float rank, and unknown keys all load.
+    obj = {
+        "id": 5,
+        "question": "q",
+        "gold": 72,
+        "temperature": 1.0,
+        "candidates": [{"text": "a", "rank": 2.0, "answer": "72"}, {"text": "b", "rank": 0}],
+    }
+    (g,) = read_candidates(_write(tmp_path / "l.jsonl", [obj]))
+    assert (g.id, g.gold, g.kind, g.labels()) == ("5", "72", "number", [2, 0])
+
+
+def test_label_candidates_dedupes_and_labels():
+    (ex,) = [e for e in read_examples(DATA / "gsm8k_sample.jsonl") if e.gold == "72"]
+    group = CandidateGroup.from_example(ex)
+    texts = [
+        "48/2 = 24, 48 + 24 = 72.\n#### 72",
+        "48 + 48 = 96\n#### 96",
+        "48/2 = 24, 48 + 24 = 72.\n#### 72",  # exact duplicate: dropped
+        "48/2 = 24, 48 + 24 = 72.\n#### 72 ",  # differs by a space: kept
+        "The answer is 72.0",
+        "I am not sure.",
+    ]
+    out = label_candidates(group, texts)
+    assert [c.text for c in out.candidates] == [texts[0], texts[1], texts[3], texts[4], texts[5]]
+    assert out.labels() == [1, 0, 1, 1, 0]
+    assert (out.id, out.gold, out.reference) == (ex.id, ex.gold, ex.reference)
+    assert group.candidates == []  # the input group is not modified
+
+    opt = CandidateGroup("o", "q\nAnswer Choices: (A) 1 (B) 2", "B", "option", None, [])
+    assert label_candidates(opt, ["so 2.\n#### B", "Answer: A", "(B)"]).labels() == [1, 0, 1]
+
+
+def test_labels_need_a_label():
+    g = CandidateGroup("g", "q", "1", "number", None, [Candidate("x", correct=True), Candidate("y")])
+    with pytest.raises(ValueError, match="candidate 1"):
+        g.labels()
+    g = CandidateGroup("g", "q", "1", "number", None, [Candidate("x", rank=3), Candidate("y", correct=True)])
+    with pytest.raises(ValueError, match="mixes"):
+        g.labels()
