@@ -2,8 +2,12 @@
 Liger-Kernel and Cut Cross-Entropy, with the matmul floor measured in the same run.
 
 Providers (every one but floor computes the same bcl AFT loss of the same batch, checked below):
-  triton         aft_fast.aft_loss(backend="triton"), exact gradient filter (the default)
-  triton_cce     the same with Cut Cross-Entropy's tile skipping (GRAD_FILTER="cce": approximate)
+  triton_chunked aft_fast.aft_loss(backend="triton") with the chunked strategy (the default): whole
+                 groups per chunk, three cuBLAS products per chunk around Triton row kernels
+  triton_fused   the same with the fused strategy: Triton forward and recomputing backward (four
+                 products, logits never stored), exact gradient filter
+  triton_cce     the fused strategy with Cut Cross-Entropy's tile skipping (GRAD_FILTER="cce": approximate)
+  triton         the triton backend's default strategy (accepted in --providers, not run by default)
   eager          the unfused reference: linear_logprob_ref (full [T, V] logits in the input dtype, fp32
                  log_softmax) and aft_fast's vectorized objective on the [S] segment sums, autograd
   torch_compile  torch.compile of that same function
@@ -43,11 +47,15 @@ except ImportError:
 
 HERE = Path(__file__).resolve()
 # Run in this order: the essential ones first, torch.compile (the slowest to warm up) last.
-PROVIDERS = ["floor", "triton", "eager", "triton_cce", "liger", "cce", "torch_compile"]
+PROVIDERS = ["floor", "triton_chunked", "triton_fused", "eager", "triton_cce", "liger", "cce",
+             "torch_compile"]
+# The triton providers' strategy (triton_impl.STRATEGY); None: the backend's default.
+TRITON_STRATEGY = {"triton": None, "triton_chunked": "chunked", "triton_fused": "fused",
+                   "triton_cce": "fused"}
 MODES = ["fwd_bwd", "fwd"]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DRY_RUN = dict(tokens=96, hidden=32, vocab=300, k=3, dtype="fp32", repeats=2, warmup=1,
-               providers="triton,eager,floor")
+               providers="triton_chunked,triton_fused,eager,floor")
 
 
 def build_batch(tokens: int, hidden_size: int, vocab: int, k: int, dtype, device, weight_std: float,
@@ -112,11 +120,12 @@ def build_call(provider: str, batch: dict, mode: str):
 
         return call
 
-    if provider in ("triton", "triton_cce"):
+    if provider in TRITON_STRATEGY:
         import aft_fast
         from aft_fast.losses import triton_impl
 
         triton_impl.GRAD_FILTER = "cce" if provider == "triton_cce" else "exact"
+        triton_impl.STRATEGY = TRITON_STRATEGY[provider] or triton_impl.STRATEGY
         index = dict(rows=rows, targets=targets, segments=segments, group=batch["group"],
                      label=batch["label"], is_reference=batch["is_reference"])
         return run(lambda h, w: aft_fast.aft_loss(h, w, **index, mode="bcl", backend="triton").loss)
@@ -179,8 +188,17 @@ def worker(args) -> None:
         loss = call()
         added = _common.peak_memory() - base
     times = _common.time_call(call, repeats=args.repeats, warmup=0, sync=sync)
+    notes = _tuned_configs() if args.provider.startswith("triton") and cuda else ""
+    if args.provider in TRITON_STRATEGY and cuda:
+        from aft_fast.losses import triton_impl
+        from aft_fast.ops import triton_chunks
+
+        if triton_impl.STRATEGY == "chunked":
+            has_mm, has_addmm = triton_chunks._fp32_out_products()
+            notes = (f"strategy chunked, chunk buffer {triton_chunks.CHUNK_BYTES >> 20} MiB, fp32-output "
+                     f"cuBLAS products mm={has_mm} addmm={has_addmm}")
     print(json.dumps({"times": times, "peak_added": added, "loss": None if loss is None else float(loss),
-                      "notes": _tuned_configs() if args.provider.startswith("triton") and cuda else ""}))
+                      "notes": notes}))
 
 
 def summarize(results: dict, shape: dict, mode: str) -> tuple[list[str], list[list[str]], list[str]]:
@@ -265,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("no CUDA device: run on a GPU machine, or pass --dry-run")
         device, out = "cuda", args.out or _common.RESULTS
     providers = [p for p in args.providers.split(",") if p]
-    unknown = sorted(set(providers) - set(PROVIDERS))
+    unknown = sorted(set(providers) - set(PROVIDERS) - set(TRITON_STRATEGY))
     if unknown:
         parser.error(f"--providers: unknown {unknown}; expected from {PROVIDERS}")
     for name in ("tokens", "hidden", "vocab", "k", "repeats"):
@@ -300,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(out: Path, path: Path, results: dict, shape: dict, args, env: dict, command: str):
     """Write the markdown report and merge the CSV rows; return (markdown text, loss warnings)."""
     header, rows, warnings = summarize(results, shape, args.mode)
-    notes = [f"- {p}: autotuned {r['notes']}" for p, r in results.items() if r.get("notes")]
+    notes = [f"- {p}: {'' if r['notes'].startswith('strategy') else 'autotuned '}{r['notes']}"
+             for p, r in results.items() if r.get("notes")]
     text = "\n".join([
         f"# GPU check: fused AFT loss ({env['gpu']})",
         "",

@@ -55,6 +55,11 @@ BWD_CONFIGS_F32 = [
 ]
 # Every forward BLOCK_V divides this, so a vocab split never ends inside a tile.
 SPLIT_V_MULTIPLE = 256
+# Row kernels of the chunked path (chunk_softmax.py): one program per row of the [c, V] logits buffer,
+# memory-bound, no autotuning (the forward adds into shared sums, the backward works in place: a tuning
+# run would change the outputs). 4096 columns a step over 8 warps: 16 elements (two 16-byte bf16 loads)
+# per thread in flight, and up to 8 rows per SM to hide latency; 32 steps over V = 128256.
+CHUNK_ROW_CONFIG = dict(BLOCK_B=1, BLOCK_V=4096, num_warps=8, num_stages=3)
 
 # Under the interpreter (test shapes: T ~ 90, V = 123, H = 24): several token blocks with a partial
 # last one, vocab splits of two tiles with a partial last tile, H cut by BLOCK_D. Few programs: the
@@ -62,6 +67,8 @@ SPLIT_V_MULTIPLE = 256
 INTERPRET_FWD = dict(BLOCK_B=32, BLOCK_V=32, BLOCK_D=16, GROUP_B=2, num_warps=1, num_stages=1)
 INTERPRET_BWD = dict(BLOCK_B=32, BLOCK_V=32, BLOCK_D=16, GROUP_B=2, num_warps=1, num_stages=1)
 INTERPRET_SPLIT_V = 64
+# Row kernels: 16 rows a program (a chunk of 93 ends in a partial block), V = 123 in two steps of 64.
+INTERPRET_CHUNK_ROW = dict(BLOCK_B=16, BLOCK_V=64, num_warps=1, num_stages=1)
 
 
 def tuned(kernel, configs: list[triton.Config], key: list[str], **kwargs):

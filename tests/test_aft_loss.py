@@ -45,7 +45,8 @@ def test_matches_reference_fp32(backend, mode, ranked):
     kw = _mode_kwargs(mode, p)
     ref = _run(aft_loss_ref, p, **kw)
     # chunk_size 8 splits groups (second, recomputing pass); 32 holds whole groups (single pass).
-    # The triton backend does not chunk: one size is enough there.
+    # The triton backend sizes its own chunks (in bytes of its dtype): its chunk paths are tested in
+    # tests/test_triton_backend.py, one size is enough here.
     for chunk_size in (8, 32, None) if backend != "triton" else (None,):
         ours = _run(aft_fast.aft_loss, p, backend=backend, chunk_size=chunk_size, **kw)
         _assert_fp32_close(ours, ref)

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 # Integer arguments that a real launch sees divisible by 16 at the shapes that matter (H = 4096,
 # V = 128256, T = 8192): Triton specializes on that, and vectorized loads depend on it.
-ALIGNED_INTS = {"T", "V", "H", "stride_h", "stride_w", "split_v"}
+ALIGNED_INTS = {"T", "V", "H", "stride_h", "stride_w", "split_v", "stride_z"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -89,6 +89,8 @@ def variants(all_configs: bool = False):
         consts = dict(MODE=code, HAS_BC=has_bc, BLOCK_M=8, BLOCK_P=16, BLOCK_K=4)
         name = f"group_loss {mode}{'+bc' if has_bc else ''}"
         yield name, group_loss._group_loss_fwd_kernel, types, consts, (1, 1)
+    for dtype, has_sums in (("bf16", True), ("bf16", False), ("fp32", True), ("fp16", True)):
+        yield from _chunk_rows(dtype, has_sums, _utils.CHUNK_ROW_CONFIG)
     for blocks, warps in (((2, 1, 1), 1), ((64, 64, 64), 4)):  # the extremes of the launcher's block sizes
         consts = dict(MODE=group_loss.MODES["pro"], HAS_BC=True, BLOCK_M=blocks[0], BLOCK_P=blocks[1],
                       BLOCK_K=blocks[2])
@@ -118,6 +120,25 @@ def _bwd(dtype: str, has_bias: bool, filt: int, cfg: triton.Config):
     yield (f"bwd {dtype} bias={has_bias} filter={filt} {_describe(cfg)}",
            linear_logprob_bwd._linear_logprob_bwd_kernel, types, {**flags, **cfg.kwargs},
            (cfg.num_warps, cfg.num_stages))
+
+
+def _chunk_rows(dtype: str, has_sums: bool, cfg: dict):
+    """The chunked path's row kernels (kernels/chunk_softmax.py): forward with and without the segment
+    sums, and (once per dtype) the in-place backward."""
+    from aft_fast.kernels import chunk_softmax
+
+    blocks = {k: cfg[k] for k in ("BLOCK_B", "BLOCK_V")}
+    launch = (cfg["num_warps"], cfg["num_stages"])
+    what = f"{blocks['BLOCK_B']}x{blocks['BLOCK_V']} w{launch[0]} s{launch[1]}"
+    types = dict(logits=f"*{dtype}", targets="*i64", segments="*i64", sums="*fp32", lse="*fp32",
+                 logp="*fp32", C="i32", V="i32", stride_z="i32")
+    yield (f"chunk_softmax fwd {dtype} sums={has_sums} {what}", chunk_softmax._chunk_softmax_fwd_kernel,
+           types, {"HAS_SUMS": has_sums, **blocks}, launch)
+    if has_sums:
+        types = dict(logits=f"*{dtype}", targets="*i64", lse="*fp32", coef="*fp32", coef_index="*i64",
+                     C="i32", V="i32", stride_z="i32")
+        yield (f"chunk_softmax bwd {dtype} {what}", chunk_softmax._chunk_softmax_bwd_kernel, types,
+               {"ROUND_BF16": False, **blocks}, launch)  # compiled code rounds to nearest itself
 
 
 def _describe(cfg: triton.Config) -> str:

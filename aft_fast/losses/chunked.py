@@ -1,20 +1,29 @@
-"""The chunk loop of the fused operator (DESIGN.md section 3) for the CPU backends.
+"""The chunk loop of the fused operator (DESIGN.md section 3), shared by the chunked backends.
 
-A backend supplies two chunk primitives (`aft_fast.ops.torch_chunks` or the C++ ops):
-`chunk_logprob` (logits -> log-sum-exp and target log-prob, leaving probabilities in a reused
-[chunk, V] buffer) and `chunk_grad` (probabilities -> d(loss)/d(logits) -> grad_hidden, grad_weight).
-Nothing of size [T, V] is ever allocated.
+An engine runs one chunk of scored tokens at a time through one reused [chunk, V] buffer; nothing of
+size [T, V] is ever allocated:
+  `_Chunks` (here) drives two CPU chunk primitives (`aft_fast.ops.torch_chunks` or the C++ ops):
+      `chunk_logprob` (logits -> log-sum-exp and target log-prob, leaving probabilities in the buffer)
+      and `chunk_grad` (probabilities -> d(loss)/d(logits) -> grad_hidden, grad_weight), in fp32.
+  `aft_fast.ops.triton_chunks.Chunks` (the triton backend's chunked strategy) keeps the inputs and the
+      buffer in their dtype: cuBLAS products with fp32 accumulation, Triton row kernels.
+Engine protocol: Engine(hidden, weight, bias, chunk_size); SKIP_DEAD (rows whose gradient is zero by
+construction go last in their chunk and are skipped); make_grads(need) -> fp32 accumulators;
+logprob(rows, targets, segments, sums, lse=None) -> (state, lse); grad(state, live, dsum, segments,
+targets, rows, grads) for the first `live` rows with coef = dsum[segments]; finish(grads). A prims
+module may also bring its sizing, `chunk_size(V, T, largest_group, dtype)`.
 
 `aft_forward` orders the scored tokens by group and packs whole groups into chunks. For such a chunk
 the group loss, and so each token's d(loss)/d(logp), is known as soon as its log-probs are: the
 gradient is formed in the same pass (three matrix products). A group larger than a chunk is split
-and takes a second, recomputing pass (four products).
+and takes a second, recomputing pass (four products). The group loss of a chunk is pluggable too:
+`TorchObjective` (autograd on the plan's slice) or the triton backend's group-loss kernel.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
@@ -69,24 +78,53 @@ class Grads:
 
 
 class _Chunks:
-    """Upcast inputs and one reused [chunk, V] buffer for the loops below."""
+    """The engine of the CPU prims: inputs upcast to fp32 once, one reused [chunk, V] fp32 buffer that
+    `chunk_logprob` leaves holding the probabilities and `chunk_grad` turns into the gradient."""
 
-    def __init__(self, prims: ModuleType, hidden, weight, bias, chunk_size: int):
+    SKIP_DEAD = False  # every row takes part in the gradient products (as before the engines existed)
+
+    def __init__(self, prims, hidden, weight, bias, chunk_size: int):
         self.prims = prims
         self.hidden = hidden
         self.weight = weight.float()
         self.bias = None if bias is None else bias.float()
         self.buf = torch.empty(chunk_size, weight.shape[0], dtype=torch.float32, device=weight.device)
 
-    def logprob(self, rows, targets, lse=None):
-        """(h, probs, logp, lse) of one chunk; probs is a view of the shared buffer."""
+    def make_grads(self, need: tuple[bool, bool, bool]) -> tuple:
+        g = Grads.zeros(self.hidden, self.weight, self.bias, need)
+        return g.hidden, g.weight, g.bias
+
+    def logprob(self, rows, targets, segments=None, sums=None, lse=None):
+        """(state, lse) of one chunk, state = (h, probs, logp), probs a view of the shared buffer; with
+        `sums`, logp is added into sums[segments]. With `lse` (a recompute) it is not recomputed."""
         h = self.hidden.index_select(0, rows).float()
         probs = self.buf[: rows.numel()]
         logp, lse = self.prims.chunk_logprob(h, self.weight, self.bias, targets, probs, lse)
-        return h, probs, logp, lse
+        if sums is not None:
+            sums.index_add_(0, segments, logp)
+        return (h, probs, logp), lse
 
-    def grad(self, probs, coef, targets, h, rows, grads: Grads) -> None:
-        self.prims.chunk_grad(probs, coef, targets, h, self.weight, rows, grads.hidden, grads.weight, grads.bias)
+    def grad_rows(self, state, coef, targets, rows, grads: Grads) -> None:
+        h, probs, _ = state
+        self.prims.chunk_grad(probs, coef, targets, h, self.weight, rows,
+                              grads.hidden, grads.weight, grads.bias)
+
+    def grad(self, state, live: int, dsum, segments, targets, rows, grads: Grads) -> None:
+        """Gradients of the first `live` rows (all of them here) for coef = dsum[segments]."""
+        h, probs, logp = state
+        state = (h[:live], probs[:live], logp[:live])
+        self.grad_rows(state, dsum[segments[:live]], targets[:live], rows[:live], grads)
+
+    def finish(self, grads: Grads) -> None:
+        pass
+
+
+def _engine(prims, hidden, weight, bias, chunk_size: int):
+    """The prims' own engine (`prims.Chunks`) or `_Chunks` over their two functions."""
+    engine = getattr(prims, "Chunks", None)
+    if engine is None:
+        return _Chunks(prims, hidden, weight, bias, chunk_size)
+    return engine(hidden, weight, bias, chunk_size)
 
 
 def logprob_forward(prims, hidden, weight, bias, rows, targets, chunk_size: int):
@@ -96,7 +134,8 @@ def logprob_forward(prims, hidden, weight, bias, rows, targets, chunk_size: int)
     lse = torch.empty_like(logp)
     for start in range(0, rows.numel(), chunk_size):
         sl = slice(start, start + chunk_size)
-        _, _, logp[sl], lse[sl] = chunks.logprob(rows[sl], targets[sl])
+        state, lse[sl] = chunks.logprob(rows[sl], targets[sl])
+        logp[sl] = state[2]
     return logp, lse
 
 
@@ -106,8 +145,8 @@ def logprob_backward(prims, hidden, weight, bias, rows, targets, lse, coef, need
     grads = Grads.zeros(hidden, weight, bias, need)
     for start in range(0, rows.numel(), chunk_size):
         sl = slice(start, start + chunk_size)
-        h, probs, _, _ = chunks.logprob(rows[sl], targets[sl], lse[sl])
-        chunks.grad(probs, coef[sl], targets[sl], h, rows[sl], grads)
+        state, _ = chunks.logprob(rows[sl], targets[sl], lse=lse[sl])
+        chunks.grad_rows(state, coef[sl], targets[sl], rows[sl], grads)
     return grads.cast_like(hidden, weight, bias)
 
 
@@ -132,50 +171,135 @@ def _pack_groups(group_tokens: list[int], chunk_size: int) -> list[tuple[int, in
     return units
 
 
+@dataclass(frozen=True)
+class Unit:
+    """Groups g0..g1-1, whose tokens are t0..t1-1 of the chunk order; the first `live` of them can have a
+    nonzero gradient. A unit of at most chunk_size tokens is one chunk (single pass); a larger one is a
+    single group, split into chunks and scored in two passes."""
+
+    g0: int
+    g1: int
+    t0: int
+    t1: int
+    live: int
+
+
+def live_segments(plan: GroupPlan, cfg: LossConfig, num_segments: int) -> torch.Tensor:
+    """[S] bool: the segments whose d(loss)/d(sum) can be nonzero, from labels alone. A superset: a
+    segment marked False has an exactly zero gradient (references when w_vft = 0, candidates in groups
+    without pairs or in mode vft, and in dcl the candidates that only ever play j, whose score is
+    detached)."""
+    live = torch.zeros(num_segments, dtype=torch.bool, device=plan.seg_group.device)
+    if cfg.w_vft != 0 and plan.ref_tokens:
+        live[plan.ref_seg] = True
+    if cfg.mode != "vft" and cfg.w_align != 0 and plan.num_valid:
+        live[plan.pair_i] = True
+        if cfg.base != "dcl":
+            live[plan.pair_j] = True
+    return live
+
+
+def plan_chunks(plan: GroupPlan, segments: torch.Tensor, chunk_size: int | None, sizing, live_seg=None):
+    """(order [T], units, chunk_size): the scored tokens ordered by group, whole groups packed into units.
+
+    chunk_size None: sizing(largest group's token count). With live_seg [S] (engines that skip dead
+    rows), each unit's tokens are ordered live first, so that its live rows are a prefix. Host syncs:
+    one, for the per-group token counts.
+    """
+    tok_group = plan.seg_group[segments]
+    G = plan.num_groups
+    if live_seg is None:
+        group_tokens = group_live = torch.bincount(tok_group, minlength=G).tolist()
+    else:
+        tok_live = live_seg[segments]
+        group_tokens, group_live = torch.stack([torch.bincount(tok_group, minlength=G),
+                                                torch.bincount(tok_group[tok_live], minlength=G)]).tolist()
+    if chunk_size is None:
+        chunk_size = sizing(max(group_tokens, default=0))
+    chunk_size = max(1, chunk_size)
+    units = [Unit(g0, g1, t0, t1, sum(group_live[g0:g1]))
+             for g0, g1, t0, t1 in _pack_groups(group_tokens, chunk_size)]
+    if live_seg is None:
+        return torch.argsort(tok_group, stable=True), units, chunk_size
+    groups_per_unit = torch.tensor([u.g1 - u.g0 for u in units])
+    unit_of_group = torch.repeat_interleave(torch.arange(len(units)), groups_per_unit)
+    key = unit_of_group.to(tok_group.device)[tok_group] * 2 + (~tok_live).long()
+    return torch.argsort(key, stable=True), units, chunk_size
+
+
+class TorchObjective:
+    """The group loss of a unit as `objectives.objective` on its slice of the plan, d(loss)/d(sums) by
+    autograd (the CPU backends). unit() returns that [S] gradient, or None when nothing in the unit's
+    groups reaches the loss; result() the totals (loss, L_vft, L_align)."""
+
+    def __init__(self, counts, plan: GroupPlan, cfg: LossConfig, ref_logp, need_grad: bool):
+        self.counts, self.plan, self.cfg, self.ref_logp = counts, plan, cfg, ref_logp
+        self.need_grad = need_grad
+        self.total = [torch.zeros((), dtype=torch.float32, device=counts.device) for _ in range(3)]
+
+    def unit(self, sums: torch.Tensor, g0: int, g1: int) -> torch.Tensor | None:
+        with torch.enable_grad():
+            leaf = sums.detach().requires_grad_(self.need_grad)
+            parts = objective(leaf, self.counts, self.plan.slice_groups(g0, g1), self.cfg, self.ref_logp)
+        for acc, part in zip(self.total, parts, strict=True):
+            acc += part.detach()
+        if not (self.need_grad and parts[0].requires_grad):
+            return None  # nothing in these groups reaches the loss: skip the two gradient products
+        (dsum,) = torch.autograd.grad(parts[0], leaf)
+        return dsum
+
+    def result(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.total)
+
+
 def aft_forward(
     prims, hidden, weight, bias, rows, targets, segments, counts, plan: GroupPlan, cfg: LossConfig,
-    ref_logp, need: tuple[bool, bool, bool], chunk_size: int | None,
+    ref_logp, need: tuple[bool, bool, bool], chunk_size: int | None, *, objective=None,
 ) -> AFTResult:
     """Loss, its parts, per-segment sums, and (when `need`) the gradients, all in one call.
 
-    chunk_size None: `group_chunk_size`, so that chunks hold whole groups where memory allows.
+    prims: chunk primitives (`chunk_logprob`, `chunk_grad`, run by `_Chunks`) or a module with its own
+    engine `Chunks` and sizing `chunk_size(V, T, largest_group, dtype)` (aft_fast.ops.triton_chunks).
+    chunk_size None: the prims' sizing (`group_chunk_size` by default), so that chunks hold whole groups
+    where memory allows. objective: the per-unit group loss (default `TorchObjective`).
     """
-    tok_group = plan.seg_group[segments]
-    order = torch.argsort(tok_group, stable=True)
+    engine = getattr(prims, "Chunks", _Chunks)
+    vocab, tokens = weight.shape[0], rows.numel()
+    sizing = getattr(prims, "chunk_size", None)
+    if sizing is None:
+        def sizing(largest):
+            return group_chunk_size(vocab, tokens, largest)
+    else:
+        sizing = functools.partial(sizing, vocab, tokens, dtype=weight.dtype)
+    live_seg = live_segments(plan, cfg, counts.numel()) if engine.SKIP_DEAD and any(need) else None
+    order, units, chunk_size = plan_chunks(plan, segments, chunk_size, sizing, live_seg)
     rows, targets, segments = rows[order], targets[order], segments[order]
-    group_tokens = torch.bincount(tok_group, minlength=plan.num_groups).tolist()
-    if chunk_size is None:
-        chunk_size = group_chunk_size(weight.shape[0], rows.numel(), max(group_tokens))
 
-    chunks = _Chunks(prims, hidden, weight, bias, chunk_size)
-    grads = Grads.zeros(hidden, weight, bias, need)
+    chunks = _engine(prims, hidden, weight, bias, chunk_size)
+    grads = Grads(*chunks.make_grads(need))
     sums = torch.zeros(counts.numel(), dtype=torch.float32, device=hidden.device)
-    total = [torch.zeros((), dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    loss_fn = (objective or TorchObjective)(counts, plan, cfg, ref_logp, grads.any)
 
-    for g0, g1, t0, t1 in _pack_groups(group_tokens, chunk_size):
-        spans = [slice(a, min(a + chunk_size, t1)) for a in range(t0, t1, chunk_size)]
+    state = None
+    for unit in units:
+        spans = [(a, min(a + chunk_size, unit.t1)) for a in range(unit.t0, unit.t1, chunk_size)]
         one_pass = len(spans) == 1
-        kept = None
         lses = []
-        for sl in spans:
-            kept = chunks.logprob(rows[sl], targets[sl])
-            sums.index_add_(0, segments[sl], kept[2])
-            lses.append(kept[3])
+        for a, b in spans:
+            state, lse = chunks.logprob(rows[a:b], targets[a:b], segments[a:b], sums)
+            lses.append(lse)
+        dsum = loss_fn.unit(sums, unit.g0, unit.g1)
+        if dsum is None or not grads.any:
+            continue
+        for (a, b), lse in zip(spans, lses, strict=True):
+            live = min(max(unit.t0 + unit.live - a, 0), b - a)  # the unit's live rows are its first ones
+            if live == 0:
+                continue
+            if not one_pass:  # recompute the logits of this chunk's live rows
+                state, _ = chunks.logprob(rows[a : a + live], targets[a : a + live], lse=lse[:live])
+            chunks.grad(state, live, dsum, segments[a:b], targets[a:b], rows[a:b], grads)
 
-        with torch.enable_grad():
-            leaf = sums.detach().requires_grad_(grads.any)
-            parts = objective(leaf, counts, plan.slice_groups(g0, g1), cfg, ref_logp)
-        for acc, part in zip(total, parts):
-            acc += part.detach()
-        if not (grads.any and parts[0].requires_grad):
-            continue  # nothing in these groups reaches the loss: skip the two gradient products
-        (dsum,) = torch.autograd.grad(parts[0], leaf)
-
-        for sl, lse in zip(spans, lses):
-            if one_pass:
-                h, probs, _, _ = kept
-            else:
-                h, probs, _, _ = chunks.logprob(rows[sl], targets[sl], lse)
-            chunks.grad(probs, dsum[segments[sl]], targets[sl], h, rows[sl], grads)
-
-    return AFTResult(*total, sums=sums, grads=grads.cast_like(hidden, weight, bias))
+    chunks.finish(grads)
+    del chunks, state  # free the [chunk, V] buffer before the gradients are cast
+    loss, vft, align = loss_fn.result(sums)
+    return AFTResult(loss, vft, align, sums=sums, grads=grads.cast_like(hidden, weight, bias))

@@ -1,16 +1,33 @@
 """The `triton` backend of the fused operators (see `backends.py` for the three functions).
 
-Unlike the CPU chunk loop, nothing here is chunked: the kernels keep every logits tile in registers,
-so memory beyond inputs and gradients is O(T) whatever the size of the batch (`chunk_size` is
-accepted for the common signature and ignored). `aft_forward` runs four launches:
+`aft_forward` has two strategies, picked by STRATEGY (the environment variable AFT_FAST_TRITON_STRATEGY
+sets it at import; the benchmark sets the attribute):
+
+"chunked" (default): the chunk loop of `chunked.py` with the engine of `aft_fast.ops.triton_chunks`.
+Chunks hold whole groups (a 512 MiB logits buffer in the input dtype, grown to 1 GiB for a large
+group), so each chunk's group loss, and with it every token's d(loss)/d(logp), is known once its
+log-probs are, and the gradient is formed in the same pass: three cuBLAS products per chunk (logits,
+grad_hidden, grad_weight) around two memory-bound Triton row kernels, and the group-loss kernel on the
+chunk's groups (`GroupKernelObjective`, no host sync in the loop). A group larger than the buffer is
+split and takes a recomputing second pass (four products for its tokens only). Rows whose gradient is
+zero by construction go last in their chunk and skip the gradient products. Memory beyond inputs and
+fp32 gradient accumulators: the buffer, O(chunk x H) and O(T).
+
+"fused": nothing is chunked; the kernels keep every logits tile in registers, so memory beyond inputs
+and gradients is O(T) whatever the size of the batch (`chunk_size` is ignored). Four launches:
     linear_logprob_fwd   per-token log-prob and log-sum-exp (one product: hidden @ weight^T)
     segment sums         index_add over tokens, then L_vft on the host (tiny)
     group_loss_fwd       every group's loss and d(loss)/d(sum), one program per group
     linear_logprob_bwd   recomputed logits -> grad_hidden, grad_weight, grad_bias (three products)
 Tokens whose d(loss)/d(logp) is zero (groups without pairs, candidates in mode vft) are dropped
-before the backward launch, as STYLE.md asks for ignored tokens.
+before the backward launch, as STYLE.md asks for ignored tokens. `linear_logprob` always runs these
+fused kernels (its gradient is only known after the caller's loss: four products either way).
 
-GRAD_FILTER picks the backward's tile skipping (kernels/linear_logprob_bwd.py): "exact" (default:
+The chunked strategy does three products where the fused one does four (its floor is 4/3 of the
+matmul floor), runs them in cuBLAS, and adds memory-bound passes of ~6 bytes per bf16 logit; so it is
+the default. The fused one needs no [chunk, V] buffer.
+
+GRAD_FILTER picks the fused backward's tile skipping (kernels/linear_logprob_bwd.py): "exact" (default:
 only tiles whose products would add exact zeros), "cce" (Cut Cross-Entropy's threshold: faster on
 peaked distributions, approximate) or "off"; the environment variable AFT_FAST_GRAD_FILTER sets it
 at import.
@@ -22,14 +39,20 @@ import os
 from types import SimpleNamespace
 
 import torch
+import triton
 
+from aft_fast.kernels import group_loss
 from aft_fast.kernels.group_loss import group_loss_fwd
-from aft_fast.kernels.linear_logprob import linear_logprob_fwd
+from aft_fast.kernels.linear_logprob import check_inputs, linear_logprob_fwd
 from aft_fast.kernels.linear_logprob_bwd import linear_logprob_bwd
+from aft_fast.losses import chunked
 from aft_fast.losses.chunked import AFTResult
 from aft_fast.losses.objectives import GroupPlan, LossConfig
+from aft_fast.ops import triton_chunks
 
 GRAD_FILTER: str = os.environ.get("AFT_FAST_GRAD_FILTER", "exact")
+STRATEGIES = ("chunked", "fused")
+STRATEGY: str = os.environ.get("AFT_FAST_TRITON_STRATEGY", "chunked")
 
 
 def _cast(grads, hidden, weight, bias) -> tuple:
@@ -52,10 +75,11 @@ def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk
     return _cast(grads, hidden, weight, bias)
 
 
-def group_csr(plan: GroupPlan) -> dict[str, torch.Tensor]:
+def group_csr(plan: GroupPlan, members: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The plan as CSR by group: [G + 1] offsets into members, pairs and top-rank candidates.
 
-    The plan's pair and top arrays are already sorted by group; members are ordered here.
+    members: [S] bool, the segments listed as members (default: all). The plan's pair and top arrays
+    are already sorted by group; members are ordered here.
     """
     G = plan.num_groups
 
@@ -64,9 +88,12 @@ def group_csr(plan: GroupPlan) -> dict[str, torch.Tensor]:
         ptr[1:] = torch.cumsum(torch.bincount(keys, minlength=G), 0)
         return ptr
 
+    member_seg = torch.argsort(plan.seg_group, stable=True)
+    if members is not None:
+        member_seg = member_seg[members[member_seg]]
     return dict(
-        member_ptr=offsets(plan.seg_group),
-        member_seg=torch.argsort(plan.seg_group, stable=True),
+        member_ptr=offsets(plan.seg_group[member_seg]),
+        member_seg=member_seg,
         pair_ptr=offsets(plan.pair_group),
         pair_i=plan.pair_i.contiguous(),
         pair_j=plan.pair_j.contiguous(),
@@ -98,11 +125,70 @@ def objective_with_grad(
     return cfg.w_vft * vft + cfg.w_align * align, vft, align, dsum
 
 
+class GroupKernelObjective:
+    """The per-chunk objective of the chunked strategy (protocol of `chunked.TorchObjective`): the
+    group-loss kernel on the chunk's groups, writing their candidates' d(loss)/d(sum) into one [S]
+    buffer that already holds the references' constant -w_vft / ref_tokens; the losses are summed once
+    at the end. Block sizes are fixed once per call (one host sync), so a chunk launches one kernel and
+    syncs nothing."""
+
+    def __init__(self, counts, plan: GroupPlan, cfg: LossConfig, ref_logp, need_grad: bool):
+        f32 = dict(dtype=torch.float32, device=counts.device)
+        self.plan, self.cfg = plan, cfg
+        self.counts = counts.to(torch.float32).contiguous()
+        self.dsum = torch.zeros(counts.numel(), **f32)
+        if plan.ref_tokens:
+            self.dsum[plan.ref_seg] = -cfg.w_vft / plan.ref_tokens
+        self.group_loss = torch.zeros(plan.num_groups, **f32)
+        self.active = cfg.mode != "vft" and plan.num_valid > 0 and plan.pair_i.numel() > 0
+        if not self.active:
+            return
+        if cfg.base == "dpo" and ref_logp is None:
+            raise ValueError("ref_logp: mode 'dpo' needs the reference log-prob of each segment")
+        candidates = torch.ones(counts.numel(), dtype=torch.bool, device=counts.device)
+        candidates[plan.ref_seg] = False  # references are not members: their dsum entry stays put
+        self.csr = group_csr(plan, candidates)
+        widths = torch.stack([(p[1:] - p[:-1]).max() for p in
+                              (self.csr["member_ptr"], self.csr["pair_ptr"], self.csr["top_ptr"])])
+        most_members, most_pairs, most_tops = (max(1, int(n)) for n in widths.tolist())
+        block_m = triton.next_power_of_2(most_members)
+        block_p = min(triton.next_power_of_2(most_pairs), max(1, group_loss.MAX_TILE // block_m))
+        self.blocks = (block_m, block_p, triton.next_power_of_2(most_tops))
+        self.ref = None if ref_logp is None else ref_logp.to(torch.float32).contiguous()
+
+    def unit(self, sums: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
+        if self.active:
+            cfg = self.cfg
+            triton_chunks.group_loss_range(
+                g0, g1, sums, self.counts, sums if self.ref is None else self.ref, **self.csr,
+                group_loss_out=self.group_loss, dsum=self.dsum, mode=group_loss.MODES[cfg.base],
+                has_bc=cfg.boundary_constraint, beta=cfg.beta, dpo_beta=cfg.dpo_beta,
+                inv_tau=1.0 / cfg.pro_tau, scale=cfg.w_align / self.plan.num_valid, blocks=self.blocks)
+        return self.dsum
+
+    def result(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        plan, cfg = self.plan, self.cfg
+        zero = sums.new_zeros(())
+        vft = -sums[plan.ref_seg].sum() / plan.ref_tokens if plan.ref_tokens else zero
+        align = self.group_loss.sum() / plan.num_valid if self.active else zero
+        return cfg.w_vft * vft + cfg.w_align * align, vft, align
+
+
 def aft_forward(
     hidden, weight, bias, rows, targets, segments, counts, plan: GroupPlan, cfg: LossConfig,
-    ref_logp, need: tuple[bool, bool, bool], chunk_size: int,
+    ref_logp, need: tuple[bool, bool, bool], chunk_size: int | None,
 ) -> AFTResult:
-    """Loss, its parts, per-segment sums and (where `need`) the gradients for d(loss) = 1."""
+    """Loss, its parts, per-segment sums and (where `need`) the gradients for d(loss) = 1.
+
+    STRATEGY "chunked": chunk_size None sizes the chunks by `triton_chunks.chunk_size`; "fused" ignores it.
+    """
+    if STRATEGY not in STRATEGIES:
+        raise ValueError(f"AFT_FAST_TRITON_STRATEGY: expected one of {', '.join(STRATEGIES)}, "
+                         f"got {STRATEGY!r}")
+    if STRATEGY == "chunked":
+        check_inputs(hidden, weight, bias, rows, targets)
+        return chunked.aft_forward(triton_chunks, hidden, weight, bias, rows, targets, segments, counts, plan,
+                                   cfg, ref_logp, need, chunk_size, objective=GroupKernelObjective)
     logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets)
     sums = torch.zeros(counts.numel(), dtype=torch.float32, device=hidden.device)
     sums.index_add_(0, segments, logp)
