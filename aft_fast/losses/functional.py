@@ -57,9 +57,10 @@ def aft_loss(
         ref_logp: [S] summed log-prob of each segment under the frozen reference model (dpo modes).
         dpo_beta: DPO's inverse temperature (0.1, DPO's own default). pro_tau: PRO's temperature (1.0).
         backend: auto | triton | cpp | torch. auto: triton on CUDA, cpp on CPU when built, else torch.
-        chunk_size: scored tokens per chunk. Default: a 64 MiB [chunk, V] fp32 buffer, grown (up to
-            256 MiB) to the largest group, so that chunks hold whole groups and the gradient is
-            formed in the same pass as the loss.
+        chunk_size: scored tokens per chunk. Default on CPU: a 64 MiB [chunk, V] fp32 buffer, grown (up
+            to 256 MiB) to the largest group, so that chunks hold whole groups and the gradient is
+            formed in the same pass as the loss; on CUDA (triton) 512 MiB in the input dtype, grown
+            up to 1 GiB (AFT_FAST_TRITON_CHUNK_MIB).
 
     Returns:
         AFTOutput(loss, scores [S] detached, vft_loss, align_loss).
