@@ -24,6 +24,14 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt constraints.txt $(wildcard csrc
 test: install
 	$(BIN)/python -m pytest -q
 
+# The whole method (vft, eval, sample, aft, eval) on the embedded default task: DeepSpeed ZeRO-3 on
+# 2 CPU processes (gloo), on a free port. Outputs and the summary table: runs/default/.
+.PHONY: train
+train: install
+	DS_ACCELERATOR=cpu $(BIN)/deepspeed --num_gpus 2 \
+		--master_port $$($(BIN)/python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])') \
+		train.py --config configs/default.yaml
+
 bench: install
 	$(BIN)/python benchmarks/bench_loss.py
 

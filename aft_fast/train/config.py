@@ -1,0 +1,276 @@
+"""TrainConfig: one typed dataclass with its defaults in code, overridden by a YAML file and `--key=value`.
+
+    deepspeed train.py --config configs/default.yaml --stage=all --vft_steps=600 --resume
+
+Precedence: defaults < `--config FILE` < command-line flags. Unknown keys (in the file or on the
+command line) fail with the list of valid ones. `--help` prints every option with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aft_fast.constants import BACKENDS, MODES
+
+STAGES = ("vft", "sample", "aft", "eval", "all")
+
+
+class InputError(ValueError):
+    """A bad config value, data file, model folder or candidate file: reported without a traceback,
+    before any training starts."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # --- run -------------------------------------------------------------------------------------------
+    stage: str = _opt("all", "vft | sample | aft | eval | all (vft, eval, sample, aft, eval)")
+    run_dir: str = _opt(
+        "runs/default",
+        "every output goes here: tokenizer/, vft/, candidates.jsonl, aft/, "
+        "checkpoints/, metrics.jsonl, tensorboard/, summary.md",
+    )
+    seed: int = _opt(0, "seed of model init, data order and sampling")
+    resume: bool = _opt(
+        False, "skip finished stages and resume the interrupted one from its latest checkpoint"
+    )
+    # --- data ------------------------------------------------------------------------------------------
+    train_data: str = _opt("", "training file (GSM8K / AQuA-RAT / ECQA); empty: the embedded synthetic task")
+    test_data: str = _opt("", "test file for eval; empty: the embedded synthetic task's test split")
+    data_format: str = _opt("auto", "gsm8k | aqua | ecqa | auto (decided from the first record's fields)")
+    synthetic_train: int = _opt(8000, "embedded task: number of training problems")
+    synthetic_test: int = _opt(200, "embedded task: number of test problems")
+    max_length: int = _opt(256, "tokens per row ([prompt | chain]); longer chains are cut at the end")
+    # --- model -----------------------------------------------------------------------------------------
+    model: str = _opt(
+        "",
+        "Hugging Face model folder to start VFT from; empty: the embedded tiny Llama, "
+        "built from scratch with a tokenizer trained on the training data",
+    )
+    tokenizer: str = _opt("", "tokenizer folder; empty: the model folder's (or the trained one)")
+    vft_model: str = _opt("", "model that sample and aft start from; empty: <run_dir>/vft")
+    eval_model: str = _opt(
+        "", "model to evaluate with --stage eval; empty: <run_dir>/aft, else <run_dir>/vft"
+    )
+    candidates: str = _opt(
+        "", "candidate JSONL that aft reads (sample writes); empty: <run_dir>/candidates.jsonl"
+    )
+    deepspeed_config: str = _opt(
+        "auto",
+        "DeepSpeed JSON; auto: configs/ds_zero3_gpu_bf16.json on CUDA, configs/ds_zero3_cpu_fp32.json on CPU",
+    )
+    dist_backend: str = _opt("auto", "torch.distributed backend; auto: nccl on CUDA, gloo on CPU")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    # --- optimization (VFT) ----------------------------------------------------------------------------
+    vft_steps: int = _opt(450, "VFT optimizer steps")
+    vft_batch_size: int = _opt(
+        32, "VFT examples per optimizer step (all processes and accumulation together)"
+    )
+    vft_micro_batch_size: int = _opt(
+        16, "VFT examples per process per forward; accumulation = batch / (micro * processes)"
+    )
+    vft_lr: float = _opt(2e-3, "VFT peak learning rate (AdamW, linear warm-up, cosine decay)")
+    # --- optimization (AFT) ----------------------------------------------------------------------------
+    aft_steps: int = _opt(100, "AFT optimizer steps")
+    aft_batch_size: int = _opt(16, "AFT groups (questions) per optimizer step")
+    aft_micro_batch_size: int = _opt(4, "AFT groups per process per forward")
+    aft_lr: float = _opt(2e-4, "AFT peak learning rate")
+    warmup_ratio: float = _opt(0.1, "fraction of a stage's steps spent warming up the learning rate")
+    min_lr_ratio: float = _opt(0.1, "cosine decay ends at min_lr_ratio * peak")
+    weight_decay: float = _opt(0.1, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "gradient norm clipping (fills the DeepSpeed config's 'auto')")
+    # --- AFT loss (DESIGN.md section 2) ----------------------------------------------------------------
+    mode: str = _opt("bcl", "AFT loss: " + " | ".join(m for m in MODES if m != "vft"))
+    beta: float = _opt(1.0, "boundary margin of bcl and +bc modes")
+    w_vft: float = _opt(1.0, "weight of the reference chains' likelihood in AFT")
+    w_align: float = _opt(1.0, "weight of the alignment loss")
+    dpo_beta: float = _opt(0.1, "DPO inverse temperature")
+    pro_tau: float = _opt(1.0, "PRO temperature")
+    loss_backend: str = _opt("auto", "fused loss backend: " + " | ".join(BACKENDS))
+    # --- sampling and evaluation -----------------------------------------------------------------------
+    num_samples: int = _opt(6, "candidates sampled per training question (k)")
+    temperature: float = _opt(1.0, "sampling temperature")
+    top_p: float = _opt(1.0, "nucleus sampling threshold (1.0: off)")
+    max_new_tokens: int = _opt(128, "generation limit for sampling and eval")
+    sample_limit: int = _opt(0, "sample only the first N training questions (0: all)")
+    gen_batch_size: int = _opt(32, "questions per generate call (sampling and eval)")
+    eval_limit: int = _opt(0, "evaluate only the first N test questions (0: all)")
+    # --- checkpoints and logging -----------------------------------------------------------------------
+    save_every: int = _opt(200, "DeepSpeed checkpoint every N optimizer steps (0: only the final HF folder)")
+    keep_checkpoints: int = _opt(2, "DeepSpeed checkpoints kept per stage (older ones are deleted)")
+    log_every: int = _opt(10, "optimizer steps between metric lines (metrics.jsonl, TensorBoard)")
+    tensorboard: bool = _opt(True, "write TensorBoard events under <run_dir>/tensorboard")
+    progress: bool = _opt(True, "tqdm progress bars on rank 0")
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # Paths derived from run_dir, so every stage finds the others' outputs.
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    def stage_model_dir(self, stage: str) -> Path:
+        return self.run_path / stage
+
+    @property
+    def candidates_path(self) -> Path:
+        return Path(self.candidates) if self.candidates else self.run_path / "candidates.jsonl"
+
+
+def _choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise InputError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+def check(cfg: TrainConfig) -> None:
+    """Value checks that need no files (files are checked when a stage opens them)."""
+    _choice("stage", cfg.stage, STAGES)
+    _choice("mode", cfg.mode, [m for m in MODES if m != "vft"])
+    _choice("loss_backend", cfg.loss_backend, BACKENDS)
+    _choice("data_format", cfg.data_format, ("auto", "gsm8k", "aqua", "ecqa"))
+    for name in (
+        "vft_steps",
+        "vft_batch_size",
+        "vft_micro_batch_size",
+        "aft_steps",
+        "aft_batch_size",
+        "aft_micro_batch_size",
+        "num_samples",
+        "max_new_tokens",
+        "gen_batch_size",
+        "max_length",
+        "log_every",
+        "keep_checkpoints",
+        "synthetic_train",
+        "synthetic_test",
+    ):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"{name}: must be at least 1, got {getattr(cfg, name)}")
+    for name in ("save_every", "sample_limit", "eval_limit"):
+        if getattr(cfg, name) < 0:
+            raise InputError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warmup_ratio < 1 or not 0 <= cfg.min_lr_ratio <= 1:
+        raise InputError("warmup_ratio must lie in [0, 1) and min_lr_ratio in [0, 1]")
+    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+        raise InputError("temperature must be > 0 and top_p in (0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing: YAML file + --key=value flags, typed by the dataclass annotations.
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_type(name: str) -> type:
+    hints = typing.get_type_hints(TrainConfig)
+    t = hints[name]
+    if isinstance(t, types.UnionType):  # "str | None" style: take the first concrete type
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def _parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    t = _field_type(name)
+    try:
+        if t is bool:
+            return _parse_bool(value)
+        if t is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if t is str and not isinstance(value, str):
+            raise ValueError
+        return t(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise InputError(f"{source}: {name} expects {t.__name__}, got {value!r}") from None
+
+
+def _unknown(keys: typing.Iterable[str], source: str) -> None:
+    bad = sorted(set(keys) - set(_FIELDS))
+    if bad:
+        raise InputError(
+            f"{source}: unknown config key(s) {', '.join(bad)}; valid keys: {', '.join(_FIELDS)}"
+        )
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    _unknown(data, str(path))
+    return {k: _coerce(k, v, str(path)) for k, v in data.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=Path(sys.argv[0]).name or "train.py",
+        formatter_class=argparse.HelpFormatter,
+        description="AFT training pipeline (arXiv 2309.02144) on DeepSpeed ZeRO-3. Precedence: defaults < "
+        "--config FILE < flags. Booleans take --flag, --flag=true or --flag=false.",
+    )
+    p.add_argument("--config", default=None, help="YAML file of config keys (see configs/default.yaml)")
+    # The DeepSpeed launcher appends --local_rank; LOCAL_RANK in the environment carries the same.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    for name, f in _FIELDS.items():
+        t = _field_type(name)
+        kw: dict[str, Any] = dict(default=None, help=f"{f.metadata['help']} (default: {f.default!r})")
+        if t is bool:
+            kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kw.update(type=lambda v, n=name: _coerce(n, v, "command line"), metavar=t.__name__.upper())
+        p.add_argument(f"--{name}", **kw)
+    return p
+
+
+def _parser_error(parser: argparse.ArgumentParser, message: str) -> typing.NoReturn:
+    flags = [a for a in message.split() if a.startswith("--")]
+    if message.startswith("unrecognized arguments") and flags:
+        message += f"; valid keys: {', '.join(_FIELDS)}"
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def load_config(argv: list[str] | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults < `--config` YAML < flags in `argv` < keyword `overrides` (for programmatic use)."""
+    parser = build_parser()
+    parser.error = lambda message: _parser_error(parser, message)  # type: ignore[method-assign]
+    args = parser.parse_args(argv if argv is not None else [])
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(load_yaml(args.config))
+    values.update({k: v for k, v in vars(args).items() if k in _FIELDS and v is not None})
+    _unknown(overrides, "overrides")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,284 @@
+"""Models: the embedded default (a tiny Llama trained from scratch), loading a Hugging Face folder
+(replicated, or partitioned at construction under ZeRO-3), the checks that run before any training,
+and `AFTModel`, the module whose forward calls the fused loss on the gathered LM head.
+
+Shapes: B rows, L tokens per row, H hidden, V vocab, N = B * L hidden rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
+from transformers.integrations.deepspeed import prevent_arange_dtype_change
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from aft_fast import aft_loss
+from aft_fast.data.collate import Batch
+
+TRAINER_STATE = "trainer_state.json"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def tiny_llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """DESIGN.md section 5: 4 layers, hidden 192, 4 heads, FFN 512, tied embeddings (1.84M params)."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attention_dropout=0.0,
+    )
+
+
+def create_default_model(tokenizer: PreTrainedTokenizerBase, out_dir: Path, seed: int) -> int:
+    """Write a freshly initialized tiny Llama (and the tokenizer) as a Hugging Face folder (call on rank 0).
+    Returns its parameter count."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(tokenizer))
+    save_hf_folder(model, tokenizer, out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_hf_folder(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    state_dict: dict | None = None,
+    trainer_state: dict | None = None,
+) -> None:
+    """save_pretrained into a temp folder, then rename: a reader never sees a half-written model.
+    trainer_state (steps, config, last metrics) goes to trainer_state.json beside the weights."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    _rmtree(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if trainer_state is not None:
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+    _rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks that run before training: a clear message instead of a stack trace minutes in.
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist (expected a Hugging Face model folder)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"model folder {path} has no weights (looked for {', '.join(WEIGHT_FILES)})")
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {path} has no eos token: chains could not end")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # common for Llama-family tokenizers; pads are masked anyway
+    return tok
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, model_dir: str | Path) -> None:
+    """The model must have an embedding row for every token id the tokenizer can produce."""
+    config = AutoConfig.from_pretrained(model_dir)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None:
+        raise ValueError(f"{model_dir}/config.json has no vocab_size")
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"vocab mismatch: the tokenizer has {len(tokenizer)} tokens but the model in {model_dir} "
+            f"has {vocab} embedding rows; use the model's own tokenizer (--tokenizer)"
+        )
+    special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    for name, tid in special.items():
+        if tid is not None and tid >= vocab:
+            raise ValueError(
+                f"vocab mismatch: {name} token id {tid} >= model vocab_size {vocab} ({model_dir})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_replica(path: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A full copy of the model on this process (sampling, eval, the frozen DPO reference)."""
+    model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), dtype=dtype)
+    return model.to(device).eval()
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Parameter name -> file holding it, for single-file or sharded safetensors / torch checkpoints."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            weight_map = json.loads((path / index).read_text())["weight_map"]
+            return {k: path / v for k, v in weight_map.items()}
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return {"*": path / single}
+    raise FileNotFoundError(f"no weights in {path}")
+
+
+class _Reader:
+    """Reads one tensor at a time, so only rank 0 ever holds (a piece of) the checkpoint in memory."""
+
+    def __init__(self, path: Path):
+        self.files = _weight_files(path)
+        self.cache: dict[Path, object] = {}
+
+    def _open(self, file: Path):
+        if file not in self.cache:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                self.cache[file] = safe_open(str(file), framework="pt")
+            else:
+                self.cache[file] = torch.load(file, map_location="cpu", weights_only=True)
+        return self.cache[file]
+
+    def get(self, name: str) -> torch.Tensor | None:
+        file = self.files.get(name, self.files.get("*"))
+        if file is None:
+            return None
+        handle = self._open(file)
+        if isinstance(handle, dict):
+            return handle.get(name)
+        return handle.get_tensor(name) if name in handle.keys() else None
+
+
+def load_partitioned(path: str | Path, ds_config: dict) -> nn.Module:
+    """Build the model under `deepspeed.zero.Init` (each process allocates only its partition) and copy
+    the checkpoint in one parameter at a time: rank 0 reads it and DeepSpeed scatters it.
+
+    The model is never whole in any process's memory, which is what lets a 70B model start on GPUs
+    that each hold a fraction of it. Tied weights are one parameter, loaded once."""
+    path = check_model_dir(path)
+    config = AutoConfig.from_pretrained(path)
+    # Resolve (import) the model class first: importing torch._dynamo inside zero.Init fails.
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    # The contexts Hugging Face's own ZeRO-3 loading enters: skip weight init (the partitions are empty and
+    # get the checkpoint below), and keep RoPE's torch.arange buffers in fp32 under a bf16 zero.Init.
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = model_class(config)
+    model.tie_weights()
+    reader = _Reader(path) if deepspeed.comm.get_rank() == 0 else None
+    problems = []
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if reader is not None:
+                value = reader.get(name)
+                if value is None:
+                    problems.append(f"{name} is missing")
+                elif tuple(value.shape) != tuple(param.shape):
+                    problems.append(f"{name} has shape {tuple(value.shape)}, the model {tuple(param.shape)}")
+                else:
+                    param.data.copy_(value.to(param.dtype))
+    # Rank 0 alone read the checkpoint: tell every rank, so that all stop together.
+    device = torch.device(get_accelerator().current_device_name())
+    flag = torch.tensor([len(problems)], device=device)
+    deepspeed.comm.broadcast(flag, 0)
+    if int(flag.item()):
+        detail = "; ".join(problems[:3]) if problems else "see rank 0"
+        raise ValueError(f"{path}: the checkpoint does not fit the model: {detail}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The module that training runs.
+
+
+def forward_hidden(lm: nn.Module, batch: Batch) -> torch.Tensor:
+    """The one model-forward call: the base model's final-norm hidden states, flattened to [N, H].
+
+    Only the decoder runs (no LM head, so no [N, V] logits). Every layout goes through here; a packed
+    layout sets `batch.position_ids` and a 4-D `attention_mask`, which Hugging Face models accept."""
+    base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    out = base(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+class AFTModel(nn.Module):
+    """Causal LM + fused AFT loss. The loss runs inside this module's forward, so that under ZeRO-3
+    DeepSpeed gathers the LM head weight for it (registered below as an external parameter: it belongs
+    to `lm_head` - or to the embedding when tied - whose own forward never runs) and routes its
+    gradient back to the partitions."""
+
+    def __init__(self, lm: nn.Module, **loss_options):
+        """loss_options: the keyword options of `aft_fast.aft_loss` (mode, beta, w_vft, ...). The loss is
+        called as a function, not held as a child module: DeepSpeed would hook a child's forward and
+        warn that it cannot see the tensors inside its AFTOutput."""
+        super().__init__()
+        self.lm = lm
+        self.loss_options = loss_options
+        head = lm.get_output_embeddings()
+        if hasattr(head.weight, "ds_id"):  # a ZeRO-3 parameter
+            deepspeed.zero.register_external_parameter(self, head.weight)
+            if getattr(head, "bias", None) is not None:
+                deepspeed.zero.register_external_parameter(self, head.bias)
+
+    def forward(self, **tensors: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Takes `Batch.tensors()` as keywords (DeepSpeed's hooks see tensors, not dataclasses); returns
+        the AFTOutput fields as a dict for the same reason."""
+        batch = Batch(**tensors)
+        hidden = forward_hidden(self.lm, batch)
+        head = self.lm.get_output_embeddings()
+        out = aft_loss(
+            hidden,
+            head.weight,
+            rows=batch.rows,
+            targets=batch.targets,
+            segments=batch.segments,
+            group=batch.group,
+            label=batch.label,
+            is_reference=batch.is_reference,
+            ref_logp=batch.ref_logp,
+            bias=getattr(head, "bias", None),
+            **self.loss_options,
+        )
+        return {
+            "loss": out.loss,
+            "scores": out.scores,
+            "vft_loss": out.vft_loss,
+            "align_loss": out.align_loss,
+        }

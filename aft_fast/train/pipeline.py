@@ -1,0 +1,280 @@
+"""The stages in order (DESIGN.md section 1): setup -> vft -> eval -> sample -> aft -> eval, with the
+input checks up front and the summary table at the end. `train.py` and `aft-fast` both call `run`.
+
+Every input is checked before the first step trains: data files (file:line on a bad record), model
+folders, the tokenizer's vocabulary against the model's, the candidate file (an empty one fails).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import deepspeed
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from aft_fast.data.candidates import CandidateGroup, read_candidates
+from aft_fast.data.formats import DataError, Example, prompt_text, read_examples
+from aft_fast.data.synthetic import write_default_task
+from aft_fast.eval.accuracy import greedy_accuracy
+from aft_fast.train.aft import run_aft
+from aft_fast.train.config import InputError, TrainConfig, to_yaml
+from aft_fast.train.engine import Dist, model_dtype, resolve_ds_config_path
+from aft_fast.train.logging import MetricsLogger, print0
+from aft_fast.train.model import (
+    TRAINER_STATE,
+    check_model_dir,
+    check_vocab,
+    create_default_model,
+    load_replica,
+    load_tokenizer,
+)
+from aft_fast.train.sample import group_stats, run_sample
+from aft_fast.train.vft import run_vft
+
+ALL = ("vft", "eval_vft", "sample", "aft", "eval_aft")
+
+
+@dataclass
+class Row:
+    stage: str
+    seconds: float
+    result: str
+
+
+@dataclass
+class Summary:
+    rows: list[Row] = field(default_factory=list)
+    values: dict[str, float | int | str] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float, result: str, **values) -> None:
+        self.rows.append(Row(stage, seconds, result))
+        self.values.update(values)
+        print0(f"[{stage}] {result} ({seconds:.1f} s)")
+
+    def table(self) -> str:
+        lines = ["| stage | time | result |", "| --- | ---: | --- |"]
+        lines += [f"| {r.stage} | {r.seconds:.1f} s | {r.result} |" for r in self.rows]
+        lines.append(f"| total | {sum(r.seconds for r in self.rows):.1f} s | |")
+        return "\n".join(lines)
+
+
+def _barrier() -> None:
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.barrier()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _finished(model_dir: Path, steps: int) -> bool:
+    """A stage's Hugging Face folder exists and records the step count asked for."""
+    state = model_dir / TRAINER_STATE
+    return state.is_file() and json.loads(state.read_text()).get("steps") == steps
+
+
+@dataclass
+class Inputs:
+    tokenizer: PreTrainedTokenizerBase
+    train: list[Example]
+    test: list[Example]
+    start_model: Path  # what the first requested stage loads
+    groups: list[CandidateGroup] | None = None  # --stage aft: the candidate file, read up front
+
+
+def prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
+    """Data, tokenizer and starting model for the requested stage(s), all checked before training.
+    Raises InputError (bad data line as file:line, missing model folder, vocab mismatch, empty or
+    unusable candidate file, bad DeepSpeed config)."""
+    try:
+        return _prepare(cfg, dist, summary)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from e
+
+
+def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
+    t0 = time.perf_counter()
+    run, stage = cfg.run_path, cfg.stage
+    fresh = not cfg.resume
+    needs_train, needs_test = stage in ("all", "vft", "sample"), stage in ("all", "eval")
+    train_path, test_path = Path(cfg.train_data) if cfg.train_data else None, cfg.test_data or None
+    if train_path is None and (needs_train or (needs_test and test_path is None)):
+        data_dir = run / "data"
+        # A fresh vft/all run writes the task; later stages (and --resume) keep the run's own copy, so
+        # eval and sample see the data the run trained on even if the generator changed since.
+        rewrite = fresh and stage in ("all", "vft")
+        if dist.is_main and (rewrite or not (data_dir / "train.jsonl").is_file()):
+            write_default_task(data_dir, cfg.synthetic_train, cfg.synthetic_test, cfg.seed)
+        _barrier()
+        train_path, test_path = data_dir / "train.jsonl", test_path or data_dir / "test.jsonl"
+    train = read_examples(train_path, cfg.data_format) if needs_train else []
+    if needs_test and test_path is None:
+        raise ValueError("eval needs --test_data (the test split of --train_data's task)")
+    test = read_examples(test_path, cfg.data_format) if needs_test else []
+
+    if stage in ("all", "vft"):
+        start = Path(cfg.model) if cfg.model else run / "init"
+    elif stage in ("sample", "aft"):
+        start = Path(cfg.vft_model) if cfg.vft_model else run / "vft"
+    else:
+        start = (
+            Path(cfg.eval_model)
+            if cfg.eval_model
+            else next((run / s for s in ("aft", "vft") if (run / s).is_dir()), run / "aft")
+        )
+
+    built, n_params = stage in ("all", "vft") and not cfg.model, 0
+    if built:  # the embedded default: a tokenizer trained on the training texts, a fresh tiny Llama
+        tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else run / "tokenizer"
+        if dist.is_main and not cfg.tokenizer and (fresh or not tok_dir.is_dir()):
+            from aft_fast.data.tokenizer import train_tokenizer
+
+            train_tokenizer([prompt_text(e.question) + e.reference for e in train], tok_dir)
+        _barrier()
+        tokenizer = load_tokenizer(tok_dir)
+        if dist.is_main and (fresh or not start.is_dir()):
+            n_params = create_default_model(tokenizer, start, cfg.seed)
+        _barrier()
+    else:
+        tokenizer = load_tokenizer(Path(cfg.tokenizer) if cfg.tokenizer else check_model_dir(start))
+    check_model_dir(start)
+    check_vocab(tokenizer, start)
+    resolve_ds_config_path(cfg.deepspeed_config)
+
+    groups = None
+    if stage == "aft":
+        groups = read_candidates(cfg.candidates_path)  # DataError names file:line; an empty file fails
+        if not any(g.candidates for g in groups):
+            raise ValueError(f"{cfg.candidates_path}: no group has a candidate")
+        if cfg.mode.startswith("dpo"):
+            missing = [g.id for g in groups if any(c.ref_logp is None for c in g.candidates)]
+            if missing:
+                raise ValueError(
+                    f"{cfg.candidates_path}: mode {cfg.mode} needs ref_logp on every candidate; group "
+                    f"{missing[0]!r} lacks it (sample with --mode={cfg.mode})"
+                )
+    what = [f"{len(train)} train examples"] if train else []
+    what += [f"{len(test)} test examples"] if test else []
+    what += [f"{len(groups)} candidate groups"] if groups else []
+    what += [
+        f"tokenizer {len(tokenizer)} tokens",
+        f"model {start}" + (f" ({n_params / 1e6:.2f}M params, from scratch)" if n_params else ""),
+    ]
+    summary.add("setup", time.perf_counter() - t0, ", ".join(what))
+    return Inputs(tokenizer, train, test, start, groups)
+
+
+def _evaluate(
+    cfg: TrainConfig,
+    dist: Dist,
+    tokenizer,
+    test: list[Example],
+    model_dir: Path,
+    name: str,
+    dtype: torch.dtype,
+    summary: Summary,
+) -> None:
+    t0 = time.perf_counter()
+    model = load_replica(model_dir, dist.device, dtype)
+    examples = test[: cfg.eval_limit or None]
+    res = greedy_accuracy(
+        model,
+        tokenizer,
+        examples,
+        batch_size=cfg.gen_batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        progress=cfg.progress,
+    )
+    del model
+    _free()
+    if dist.is_main:
+        with (cfg.run_path / f"predictions_{name}.jsonl").open("w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in res.predictions)
+    MetricsLogger(cfg.run_dir, name, tensorboard=False).log(0, {"eval/accuracy": res.accuracy})
+    summary.add(
+        name,
+        time.perf_counter() - t0,
+        f"greedy accuracy {100 * res.accuracy:.1f}% ({res.correct}/{res.total}) of {model_dir}",
+        **{f"{name}/accuracy": res.accuracy},
+    )
+
+
+def _train_row(stage: str, r, summary: Summary) -> None:
+    parts = [
+        f"{r.steps} steps",
+        f"loss {r.metrics.get('train/loss', float('nan')):.4f}",
+        f"{r.tokens_per_sec:,.0f} tokens/s",
+    ]
+    if "train/assess_acc" in r.metrics:
+        parts.append(f"in-batch assessment accuracy {100 * r.metrics['train/assess_acc']:.1f}%")
+    summary.add(stage, r.seconds, ", ".join(parts), **{f"{stage}/loss": r.metrics.get("train/loss", 0.0)})
+
+
+def run(cfg: TrainConfig, dist: Dist) -> Summary:
+    """Run cfg.stage ("all": every stage in order); returns the summary (rank 0 writes summary.md/json)."""
+    summary = Summary()
+    run_dir = cfg.run_path
+    hf_logging.disable_progress_bar()  # per-rank "Loading weights" bars; the stages draw their own
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    print0("resolved config:\n" + to_yaml(cfg))
+    inputs = prepare(cfg, dist, summary)
+    tok = inputs.tokenizer
+    dtype = model_dtype(json.loads(resolve_ds_config_path(cfg.deepspeed_config).read_text()))
+    stages = ALL if cfg.stage == "all" else (cfg.stage,)
+    # --stage all samples from the VFT model it just trained; a single stage may start elsewhere.
+    vft_dir = inputs.start_model if cfg.stage in ("sample", "aft") else cfg.stage_model_dir("vft")
+
+    for stage in stages:
+        if stage == "vft":
+            if cfg.resume and _finished(vft_dir, cfg.vft_steps):
+                summary.add("vft", 0.0, f"done earlier ({vft_dir})")
+                continue
+            _train_row("vft", run_vft(cfg, dist, tok, inputs.train, inputs.start_model), summary)
+        elif stage == "sample":
+            out = cfg.candidates_path
+            if cfg.resume and cfg.stage == "all" and out.is_file():
+                s = group_stats(read_candidates(out), 0, 0.0)
+                s.duplicates = 0
+            else:
+                s = run_sample(cfg, dist, tok, inputs.train, vft_dir, out, dtype)
+            _free()
+            summary.add(
+                "sample",
+                s.seconds,
+                f"{s.candidates} candidates for {s.questions} questions: "
+                f"{s.positives} positive / {s.negatives} negative, both on {s.both} questions "
+                f"({100 * s.both / max(s.questions, 1):.0f}%), {s.duplicates} duplicates dropped -> {out}",
+                positives=s.positives,
+                negatives=s.negatives,
+                both=s.both,
+            )
+        elif stage == "aft":
+            groups = inputs.groups if inputs.groups is not None else read_candidates(cfg.candidates_path)
+            aft_dir = cfg.stage_model_dir("aft")
+            if cfg.resume and _finished(aft_dir, cfg.aft_steps):
+                summary.add("aft", 0.0, f"done earlier ({aft_dir})")
+                continue
+            _train_row("aft", run_aft(cfg, dist, tok, groups, vft_dir), summary)
+        elif stage == "eval":
+            _evaluate(cfg, dist, tok, inputs.test, inputs.start_model, "eval", dtype, summary)
+        else:  # eval_vft / eval_aft inside --stage all
+            which = stage.split("_")[1]
+            _evaluate(cfg, dist, tok, inputs.test, cfg.stage_model_dir(which), stage, dtype, summary)
+        _free()
+
+    if dist.is_main:
+        (run_dir / "summary.md").write_text(summary.table() + "\n")
+        (run_dir / "summary.json").write_text(
+            json.dumps({"rows": [r.__dict__ for r in summary.rows], "values": summary.values}, indent=1)
+        )
+    return summary

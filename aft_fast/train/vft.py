@@ -1,0 +1,37 @@
+"""Stage vft: maximum likelihood on (question, reference chain), through the fused loss in mode "vft"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from aft_fast.data.collate import encode_example
+from aft_fast.data.formats import Example
+from aft_fast.train.config import TrainConfig
+from aft_fast.train.engine import Dist
+from aft_fast.train.loop import StageResult, train
+
+
+def run_vft(
+    cfg: TrainConfig,
+    dist: Dist,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    init_model: Path,
+) -> StageResult:
+    items = [encode_example(e, tokenizer) for e in examples]
+    return train(
+        cfg,
+        dist,
+        stage="vft",
+        items=items,
+        init_model=init_model,
+        tokenizer=tokenizer,
+        mode="vft",
+        steps=cfg.vft_steps,
+        batch_size=cfg.vft_batch_size,
+        micro_batch=cfg.vft_micro_batch_size,
+        lr=cfg.vft_lr,
+        out_dir=cfg.stage_model_dir("vft"),
+    )
