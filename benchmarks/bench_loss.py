@@ -11,8 +11,8 @@ Providers, all on the same inputs in one run:
   floor   the three [T,H]x[H,V]-sized matrix products alone (logits, grad_hidden, grad_weight)
 
 Default shape: T=4096 scored tokens in groups of k=6 candidates plus a reference chain, H=1024,
-V=32000, fp32. Reports the median time of forward+backward, the peak memory each adds (see
-_common.py), and ratios to the matmul floor and to eager. Writes benchmarks/results/bench_loss.{csv,md}.
+V=32000, fp32. Reports the median time of forward+backward, the peak memory each adds over the
+inputs, its gradients included (see _common.py), and ratios to the matmul floor and to eager. Writes benchmarks/results/bench_loss.{csv,md}.
 
     python benchmarks/bench_loss.py                      # default shape, all providers
     python benchmarks/bench_loss.py --tokens 512 --vocab 4000 --hidden 256 --repeats 2   # quick
@@ -21,6 +21,7 @@ _common.py), and ratios to the matmul floor and to eager. Writes benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -180,6 +181,9 @@ def worker(args) -> None:
     warmup = 2 if args.provider in ("cce", "liger") else 1  # compile, then settle
     for _ in range(warmup):
         call()
+    # The baseline is the inputs alone: what the call allocates, its gradients included, is "added".
+    batch["hidden"].grad = batch["weight"].grad = None
+    gc.collect()
     base = _common.reset_peak_memory()
     call()
     added = _common.peak_memory() - base
