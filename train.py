@@ -14,7 +14,7 @@ import os
 import sys
 
 from aft_fast.train.config import InputError, load_config
-from aft_fast.train.engine import init_distributed
+from aft_fast.train.engine import init_distributed, shutdown_distributed
 from aft_fast.train.logging import print0
 from aft_fast.train.pipeline import run
 
@@ -36,3 +36,4 @@ except InputError as e:  # bad input: one clear line, no traceback, nothing trai
 # 4. The table: accuracy after VFT and after AFT, candidates sampled, time per stage.
 print0("\n" + summary.table())
 print0(f"\nsummary written to {cfg.run_path / 'summary.md'}")
+shutdown_distributed()

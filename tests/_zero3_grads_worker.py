@@ -10,7 +10,7 @@ import torch
 
 from aft_fast.data.candidates import read_candidates
 from aft_fast.data.collate import collate, encode_group
-from aft_fast.train.engine import build_engine, ds_config, init_distributed
+from aft_fast.train.engine import build_engine, ds_config, init_distributed, shutdown_distributed
 from aft_fast.train.model import AFTModel, load_partitioned, load_tokenizer
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -52,3 +52,4 @@ losses = [None] * dist.world_size
 deepspeed.comm.all_gather_object(losses, out["loss"].item())
 if dist.rank == 0:
     torch.save({"grads": grads, "losses": losses, "partitioned": partitioned}, out_path)
+shutdown_distributed()

@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     for name, f in _FIELDS.items():
         t = _field_type(name)
-        kw: dict[str, Any] = dict(default=None, help=f"{f.metadata['help']} (default: {f.default!r})")
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        kw: dict[str, Any] = dict(default=None, help=help_text.replace("%", "%%"))  # argparse formats %
         if t is bool:
             kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         else:

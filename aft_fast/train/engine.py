@@ -71,6 +71,14 @@ def init_distributed(backend: str = "auto") -> Dist:
     return Dist(deepspeed.comm.get_rank(), world, local_rank, local_world, device)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together: a rank that exits while a peer still holds gloo connections can
+    make that peer's process abort (SIGABRT) at interpreter exit, after its work is done."""
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def resolve_ds_config_path(name: str) -> Path:
     if name == "auto":
         name = str(CONFIG_DIR / DEFAULT_DS_CONFIGS["cuda" if torch.cuda.is_available() else "cpu"])
