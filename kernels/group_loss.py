@@ -210,11 +210,28 @@ def group_loss_fwd(
     group_loss = torch.empty(num_groups, dtype=torch.float32, device=sums.device)
     dsum = torch.zeros_like(sums, dtype=torch.float32)
     ref = sums if ref_logp is None else ref_logp.to(torch.float32).contiguous()  # unread unless dpo
-    _group_loss_fwd_kernel[(num_groups,)](
-        sums.float().contiguous(), counts.float().contiguous(), ref, member_ptr, member_seg, pair_ptr,
-        pair_i, pair_j, top_ptr, top_seg, group_loss, dsum, float(beta), float(dpo_beta),
-        1.0 / float(pro_tau), float(scale),
-        MODE=MODES[mode], HAS_BC=bool(boundary_constraint), BLOCK_M=block_m, BLOCK_P=block_p,
-        BLOCK_K=triton.next_power_of_2(most_tops), num_warps=4 if block_m * block_p >= 1024 else 1,
+    launch_group_loss(
+        num_groups, sums.float().contiguous(), counts.float().contiguous(), ref, member_ptr, member_seg,
+        pair_ptr, pair_i, pair_j, top_ptr, top_seg, group_loss, dsum, mode=MODES[mode],
+        has_bc=bool(boundary_constraint), beta=float(beta), dpo_beta=float(dpo_beta),
+        inv_tau=1.0 / float(pro_tau), scale=float(scale),
+        blocks=(block_m, block_p, triton.next_power_of_2(most_tops)),
     )
     return group_loss, dsum
+
+
+def launch_group_loss(
+    num_groups: int, sums, counts, ref_logp, member_ptr, member_seg, pair_ptr, pair_i, pair_j, top_ptr,
+    top_seg, group_loss_out, dsum, *, mode: int, has_bc: bool, beta: float, dpo_beta: float,
+    inv_tau: float, scale: float, blocks: tuple[int, int, int],
+) -> None:
+    """Launch the kernel on groups 0..num_groups-1 of the CSR offsets given (a view from group g0 on
+    gives group-local program ids), with block sizes (BLOCK_M, BLOCK_P, BLOCK_K) chosen by the caller:
+    no host sync, so a chunked caller can run it per chunk. `mode` is the MODES code."""
+    block_m, block_p, block_k = blocks
+    _group_loss_fwd_kernel[(num_groups,)](
+        sums, counts, ref_logp, member_ptr, member_seg, pair_ptr, pair_i, pair_j, top_ptr, top_seg,
+        group_loss_out, dsum, beta, dpo_beta, inv_tau, scale,
+        MODE=mode, HAS_BC=has_bc, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=block_k,
+        num_warps=4 if block_m * block_p >= 1024 else 1,
+    )

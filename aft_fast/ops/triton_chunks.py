@@ -175,10 +175,8 @@ def group_loss_range(
     from g0 on gives the kernel group-local program ids. Writes group_loss_out[g0:g1] and
     dsum[seg] = scale * d(group loss)/d(sum) for the members (only) of those groups.
     """
-    block_m, block_p, block_k = blocks
-    group_loss._group_loss_fwd_kernel[(g1 - g0,)](
-        sums, counts, ref_logp, member_ptr[g0:], member_seg, pair_ptr[g0:], pair_i, pair_j, top_ptr[g0:],
-        top_seg, group_loss_out[g0:], dsum, beta, dpo_beta, inv_tau, scale,
-        MODE=mode, HAS_BC=has_bc, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=block_k,
-        num_warps=4 if block_m * block_p >= 1024 else 1,
+    group_loss.launch_group_loss(
+        g1 - g0, sums, counts, ref_logp, member_ptr[g0:], member_seg, pair_ptr[g0:], pair_i, pair_j,
+        top_ptr[g0:], top_seg, group_loss_out[g0:], dsum, mode=mode, has_bc=has_bc, beta=beta,
+        dpo_beta=dpo_beta, inv_tau=inv_tau, scale=scale, blocks=blocks,
     )
