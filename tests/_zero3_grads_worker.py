@@ -1,7 +1,7 @@
 """Worker for tests/test_train_distributed.py::test_fused_loss_gradients_under_zero3, started with
 `deepspeed --num_gpus 2`: one ZeRO-3 forward and backward of AFTModel on rank r's micro batch
-items[r * micro:(r + 1) * micro]; rank 0 saves every parameter's full gradient, the losses and whether
-the LM head was partitioned (empty outside forward)."""
+items[r * micro:(r + 1) * micro] in the given layout; rank 0 saves every parameter's full gradient, the
+losses and whether the LM head was partitioned (empty outside forward)."""
 
 import sys
 
@@ -10,11 +10,12 @@ import torch
 
 from aft_fast.data.candidates import read_candidates
 from aft_fast.data.collate import collate, encode_group
+from aft_fast.train import attention
 from aft_fast.train.engine import build_engine, ds_config, init_distributed, shutdown_distributed
 from aft_fast.train.model import AFTModel, load_partitioned, load_tokenizer
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-model_dir, candidates, out_path, mode, micro = args[0], args[1], args[2], args[3], int(args[4])
+model_dir, candidates, out_path, mode, micro, layout = *args[:4], int(args[4]), args[5]
 
 dist = init_distributed("gloo")
 tok = load_tokenizer(model_dir)
@@ -27,6 +28,7 @@ config = ds_config(
     grad_clip=1.0,
 )
 lm = load_partitioned(model_dir, config)
+attention.prepare(lm, layout, dist.device)
 head = lm.get_output_embeddings().weight
 partitioned = {
     "empty_outside_forward": head.numel() == 0,
@@ -43,7 +45,8 @@ engine = build_engine(
     min_lr_ratio=1.0,
     weight_decay=0.0,
 )
-batch = collate(items[dist.rank * micro : (dist.rank + 1) * micro], pad_id=tok.pad_token_id, max_length=160)
+my_items = items[dist.rank * micro : (dist.rank + 1) * micro]
+batch = collate(my_items, pad_id=tok.pad_token_id, max_length=160, layout=layout)
 out = engine(**batch.tensors())
 engine.backward(out["loss"])
 # safe_get_full_grad is collective: every rank gathers, rank 0 keeps the result.

@@ -1,5 +1,6 @@
 """Collation into the padded layout: rows/targets/segments point at the right tokens, and scores from
-the fused operator on the base model's hidden states equal those from a causal LM's full logits."""
+the fused operator on the base model's hidden states equal those from a causal LM's full logits.
+The packed and shared layouts are tested against this one in tests/test_packing.py."""
 
 from __future__ import annotations
 
@@ -131,5 +132,5 @@ def test_long_rows_are_cut_to_max_length(tokenizer, groups):
 def test_batch_moves_and_rejects_unknown_layout(tokenizer, groups):
     b = collate([encode_group(groups[0], tokenizer)], pad_id=0, max_length=64)
     assert isinstance(b.to("cpu"), Batch) and b.tensors().keys() >= {"input_ids", "rows", "ref_logp"}
-    with pytest.raises(ValueError, match="layout 'packed' is not available"):
-        collate([encode_group(groups[0], tokenizer)], pad_id=0, max_length=64, layout="packed")
+    with pytest.raises(ValueError, match="layout 'ragged' is not available"):
+        collate([encode_group(groups[0], tokenizer)], pad_id=0, max_length=64, layout="ragged")

@@ -115,14 +115,15 @@ def test_two_nodes_on_loopback_match_one_node(assets, two_ranks, tmp_path):
 
 
 def test_fused_loss_gradients_under_zero3(assets, tmp_path):
-    """Full gradients after one ZeRO-3 backward (LM head partitioned and tied to the embedding) equal
-    those of the unfused reference loss (full logits, autograd) on an ordinary model."""
+    """Full gradients after one ZeRO-3 backward (LM head partitioned and tied to the embedding, prompts
+    shared) equal those of the unfused reference loss (full logits, autograd) on an ordinary model with
+    one padded row per member."""
     micro = 3
     out = tmp_path / "grads.pt"
     check(
         launch(
             2,
-            [str(assets["model"]), str(assets["candidates"]), str(out), "bcl", str(micro)],
+            [str(assets["model"]), str(assets["candidates"]), str(out), "bcl", str(micro), "shared"],
             script="tests/_zero3_grads_worker.py",
         )
     )

@@ -1,13 +1,16 @@
 """Token tensors for the fused operator: examples and candidate groups -> a `Batch`.
 
-Layout "padded" (the only one so far): one row per group member, ``[bos, prompt | member, eos, pad...]``,
-right-padded to the longest row. Member token j sits at position P + j (P = prompt length) and is
-predicted by the hidden row of position P + j - 1, so with B rows of length L:
+Layout "padded": one row per group member, ``[bos, prompt | member, eos, pad...]``, right-padded to the
+longest row. Member token j sits at position P + j (P = prompt length) and is predicted by the hidden row
+of position P + j - 1, so with B rows of length L:
 
     rows[t] = b * L + P + j - 1,  targets[t] = member[j],  segments[t] = the member's index in the batch.
 
-A later layout shares one prompt across a group's members (DESIGN.md section 4): it changes only how
-`collate` fills input_ids / position_ids / a 4-D attention mask and rows; the `Batch` fields stay.
+Layouts "packed" and "shared" (aft_fast/data/packing.py, DESIGN.md section 4) put several sequences in a
+row without padding between them; "shared" encodes a group's prompt once for all its members. They fill
+input_ids / position_ids / rows differently and describe who attends to whom per token (sequence_ids,
+member_ids); segments, group, label, is_reference and ref_logp are the same in every layout, so the fused
+operator's scores line up member by member.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from aft_fast.data.candidates import CandidateGroup
 from aft_fast.data.formats import Example, prompt_text
 
-LAYOUTS = ("padded",)
+LAYOUTS = ("padded", "packed", "shared")
 
 
 @dataclass
@@ -42,7 +45,13 @@ class Batch:
 
     input_ids [B, L] int64; attention_mask [B, L] int64 (1 = token, 0 = pad); position_ids [B, L] or None
     (None: 0..L-1 per row); rows, targets, segments [T] int64; group, label [S] int64; is_reference [S]
-    bool; ref_logp [S] float32 or None (summed log-prob under the frozen reference model, dpo modes)."""
+    bool; ref_logp [S] float32 or None (summed log-prob under the frozen reference model, dpo modes).
+
+    Padding-free layouts only (None in "padded"): sequence_ids [B, L] int64, the packed sequence of its row
+    each token belongs to (unique in the batch, -1 for padding); member_ids [B, L] int64, "shared" only: 0
+    for the prompt, m for the m-th member of its sequence. Token i attends to token j of its row iff they
+    are in one sequence, j <= i, and j is in the prompt or in i's member. The mask itself is built at
+    forward time in the form the attention kernel takes (aft_fast/train/attention.py)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -54,12 +63,20 @@ class Batch:
     is_reference: torch.Tensor
     position_ids: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    sequence_ids: torch.Tensor | None = None
+    member_ids: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: None if v is None else v.to(device) for k, v in self.tensors().items()})
+
+    @property
+    def layout(self) -> str:
+        if self.sequence_ids is None:
+            return "padded"
+        return "packed" if self.member_ids is None else "shared"
 
     @property
     def num_segments(self) -> int:
@@ -69,6 +86,11 @@ class Batch:
     def num_tokens(self) -> int:
         """Real (non-pad) tokens the model reads."""
         return int(self.attention_mask.sum())
+
+    @property
+    def computed_tokens(self) -> int:
+        """Token positions the model computes, padding included (B * L)."""
+        return self.input_ids.numel()
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
@@ -129,13 +151,32 @@ def _fit(prompt: list[int], member: list[int], max_length: int) -> tuple[list[in
     return prompt, member[: max_length - len(prompt)], True
 
 
-def collate(items: list[Encoded], *, pad_id: int, max_length: int, layout: str = "padded") -> Batch:
-    """Batch the groups `items` (group ids 0..len(items)-1 in order) in `layout`."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not available; expected one of {', '.join(LAYOUTS)}")
+@dataclass
+class Member:
+    """One member after cutting to max_length: its segment index, group index, prompt and chain."""
+
+    segment: int
+    group: int
+    prompt: list[int]
+    chain: list[int]
+
+
+@dataclass
+class Segments:
+    """The per-segment tensors every layout shares: group, label [S] int64, is_reference [S] bool,
+    ref_logp [S] float32 or None."""
+
+    group: torch.Tensor
+    label: torch.Tensor
+    is_reference: torch.Tensor
+    ref_logp: torch.Tensor | None
+
+
+def fit_members(items: list[Encoded], max_length: int) -> tuple[list[Member], Segments]:
+    """Every member of `items` (group ids 0..len(items)-1 in order), cut to max_length, in segment order."""
     if not items:
         raise ValueError("collate: no groups")
-    seqs, rows, targets, segments, group, label, is_ref, ref_logp = [], [], [], [], [], [], [], []
+    members, group, label, is_ref, ref_logp = [], [], [], [], []
     with_ref_logp = items[0].ref_logp is not None
     for g, item in enumerate(items):
         if (item.ref_logp is not None) != with_ref_logp:
@@ -144,17 +185,48 @@ def collate(items: list[Encoded], *, pad_id: int, max_length: int, layout: str =
             prompt, chain, _ = _fit(item.prompt, member, max_length)
             if not chain or not prompt:
                 raise ValueError(f"collate: max_length {max_length} leaves no room for group {g}, member {m}")
-            seg = len(group)
-            seqs.append(prompt + chain)
-            # Position P + j - 1 predicts chain[j]; rows are flattened later, once L is known.
-            rows.append([len(prompt) + j - 1 for j in range(len(chain))])
-            targets.extend(chain)
-            segments.extend([seg] * len(chain))
+            members.append(Member(len(members), g, prompt, chain))
             group.append(g)
             label.append(item.label[m])
             is_ref.append(item.is_reference[m])
             if with_ref_logp:
                 ref_logp.append(item.ref_logp[m])
+    segs = Segments(
+        group=torch.tensor(group, dtype=torch.long),
+        label=torch.tensor(label, dtype=torch.long),
+        is_reference=torch.tensor(is_ref, dtype=torch.bool),
+        ref_logp=torch.tensor(ref_logp, dtype=torch.float32) if with_ref_logp else None,
+    )
+    return members, segs
+
+
+def collate(
+    items: list[Encoded],
+    *,
+    pad_id: int,
+    max_length: int,
+    layout: str = "padded",
+    max_tokens: int | None = None,
+) -> Batch:
+    """Batch the groups `items` (group ids 0..len(items)-1 in order) in `layout`.
+
+    max_length caps each [prompt | member] (as in every layout); max_tokens caps a row of the packed and
+    shared layouts (None: the longest packed sequence; see aft_fast/data/packing.py). The padded layout
+    ignores max_tokens."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not available; expected one of {', '.join(LAYOUTS)}")
+    members, segs = fit_members(items, max_length)
+    if layout != "padded":
+        from aft_fast.data.packing import pack  # packing builds on this module's types
+
+        return pack(members, segs, pad_id=pad_id, shared=layout == "shared", max_tokens=max_tokens)
+    seqs, rows, targets, segments = [], [], [], []
+    for mb in members:
+        seqs.append(mb.prompt + mb.chain)
+        # Position P + j - 1 predicts chain[j]; rows are flattened later, once L is known.
+        rows.append([len(mb.prompt) + j - 1 for j in range(len(mb.chain))])
+        targets.extend(mb.chain)
+        segments.extend([mb.segment] * len(mb.chain))
     L = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -168,8 +240,8 @@ def collate(items: list[Encoded], *, pad_id: int, max_length: int, layout: str =
         rows=flat_rows,
         targets=torch.tensor(targets, dtype=torch.long),
         segments=torch.tensor(segments, dtype=torch.long),
-        group=torch.tensor(group, dtype=torch.long),
-        label=torch.tensor(label, dtype=torch.long),
-        is_reference=torch.tensor(is_ref, dtype=torch.bool),
-        ref_logp=torch.tensor(ref_logp, dtype=torch.float32) if with_ref_logp else None,
+        group=segs.group,
+        label=segs.label,
+        is_reference=segs.is_reference,
+        ref_logp=segs.ref_logp,
     )

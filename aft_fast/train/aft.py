@@ -36,4 +36,5 @@ def run_aft(
         micro_batch=cfg.aft_micro_batch_size,
         lr=cfg.aft_lr,
         out_dir=cfg.stage_model_dir("aft"),
+        layout=cfg.layout,
     )

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from aft_fast.constants import BACKENDS, MODES
+from aft_fast.data.collate import LAYOUTS
 
 STAGES = ("vft", "sample", "aft", "eval", "all")
 
@@ -99,6 +100,16 @@ class TrainConfig:
     dpo_beta: float = _opt(0.1, "DPO inverse temperature")
     pro_tau: float = _opt(1.0, "PRO temperature")
     loss_backend: str = _opt("auto", "fused loss backend: " + " | ".join(BACKENDS))
+    layout: str = _opt(
+        "shared",
+        "AFT batch layout (DESIGN.md section 4): shared (a group's prompt encoded once, members packed after "
+        "it) | packed (one [prompt | member] sequence each, no padding) | padded (one padded row each)",
+    )
+    max_tokens_per_row: int = _opt(
+        0,
+        "token budget of a packed/shared row (at least max_length); 0: auto (the longest sequence with a "
+        "dense SDPA mask, whose cost grows with the square of the row; the whole micro batch otherwise)",
+    )
     # --- sampling and evaluation -----------------------------------------------------------------------
     num_samples: int = _opt(6, "candidates sampled per training question (k)")
     temperature: float = _opt(1.0, "sampling temperature")
@@ -144,6 +155,12 @@ def check(cfg: TrainConfig) -> None:
     _choice("stage", cfg.stage, STAGES)
     _choice("mode", cfg.mode, [m for m in MODES if m != "vft"])
     _choice("loss_backend", cfg.loss_backend, BACKENDS)
+    _choice("layout", cfg.layout, LAYOUTS)
+    if cfg.max_tokens_per_row != 0 and cfg.max_tokens_per_row < cfg.max_length:
+        raise InputError(
+            f"max_tokens_per_row: {cfg.max_tokens_per_row} cannot hold a [prompt | chain] of max_length "
+            f"{cfg.max_length}; use 0 (auto) or at least max_length"
+        )
     _choice("data_format", cfg.data_format, ("auto", "gsm8k", "aqua", "ecqa"))
     for name in (
         "vft_steps",

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from aft_fast.data.collate import Batch, Encoded, collate
-from aft_fast.train import checkpoint
+from aft_fast.train import attention, checkpoint
 from aft_fast.train.config import InputError, TrainConfig
 from aft_fast.train.engine import (
     Dist,
@@ -184,9 +184,11 @@ def train(
     micro_batch: int,
     lr: float,
     out_dir: Path,
+    layout: str = "padded",
 ) -> StageResult:
-    """Train `init_model` on `items` for `steps` optimizer steps with loss `mode`; write the consolidated
-    Hugging Face folder `out_dir`. With cfg.resume, continue from the stage's latest checkpoint."""
+    """Train `init_model` on `items` for `steps` optimizer steps with loss `mode`, micro batches collated in
+    `layout` (aft_fast/data/collate.py); write the consolidated Hugging Face folder `out_dir`. With
+    cfg.resume, continue from the stage's latest checkpoint."""
     accum = grad_accum_steps(batch_size, micro_batch, dist.world_size, stage)
     config = ds_config(
         cfg.deepspeed_config,
@@ -207,6 +209,9 @@ def train(
         f"{dist.world_size} processes x {accum} accumulation), {model_dtype(config)}, lr {lr}"
     )
     lm = load_partitioned(init_model, config)
+    attn = attention.prepare(lm, layout, dist.device)  # the attention kernel that can express the layout
+    max_tokens = attn.row_budget(cfg.max_tokens_per_row)
+    print0(f"[{stage}] layout {layout}, attention {attn.kernel}" + (f": {attn.note}" if attn.note else ""))
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = AFTModel(
@@ -239,7 +244,13 @@ def train(
     for step in range(start, steps):
         for accum_step in range(accum):
             idx = plan.micro_batch(step, accum_step, dist.rank)
-            batch = collate([items[i] for i in idx], pad_id=tokenizer.pad_token_id, max_length=cfg.max_length)
+            batch = collate(
+                [items[i] for i in idx],
+                pad_id=tokenizer.pad_token_id,
+                max_length=cfg.max_length,
+                layout=layout,
+                max_tokens=max_tokens,
+            )
             batch = batch.to(dist.device)
             out = engine(**batch.tensors())
             engine.backward(out["loss"])

@@ -21,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from aft_fast import aft_loss
 from aft_fast.data.collate import Batch
+from aft_fast.train import attention
 
 TRAINER_STATE = "trainer_state.json"
 WEIGHT_FILES = (
@@ -225,15 +226,18 @@ def load_partitioned(path: str | Path, ds_config: dict) -> nn.Module:
 def forward_hidden(lm: nn.Module, batch: Batch) -> torch.Tensor:
     """The one model-forward call: the base model's final-norm hidden states, flattened to [N, H].
 
-    Only the decoder runs (no LM head, so no [N, V] logits). Every layout goes through here; a packed
-    layout sets `batch.position_ids` and a 4-D `attention_mask`, which Hugging Face models accept."""
+    Only the decoder runs (no LM head, so no [N, V] logits). Every layout goes through here: the padded one
+    with its 2-D padding mask; packed and shared with their position ids and the mask in the form the model's
+    attention kernel takes (aft_fast/train/attention.py; `attention.prepare` picks the kernel). Row n of the
+    result is position n % L of row n // L in every case (flash-attn's single row keeps that order)."""
     base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    out = base(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
+    if batch.layout == "padded":
+        inputs = dict(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        )
+    else:
+        inputs = attention.decoder_inputs(lm.config, batch, next(base.parameters()).dtype)
+    out = base(**inputs, use_cache=False)
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])
 
