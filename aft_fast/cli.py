@@ -3,7 +3,7 @@
     aft-fast train                  # --stage all: vft, eval, sample, aft, eval
     aft-fast train --stage=vft      # one training stage (vft or aft)
     aft-fast sample --vft_model=runs/default/vft
-    aft-fast eval --eval_model=runs/default/aft
+    aft-fast eval --model=runs/default/aft   # any local Hugging Face causal LM folder
 
 It runs in one process; for several, start it under a launcher:
 `deepspeed --num_gpus 8 --module aft_fast.cli train ...`. Options are train.py's (`aft-fast train --help`).

@@ -1,6 +1,5 @@
-"""Greedy accuracy on a test split: batched generation sharded across ranks, answers checked against gold.
-
-(Assessment accuracy, self-consistency and score re-ranking come with the evaluation issue.)
+"""Greedy accuracy alone on a test split: batched generation sharded across ranks, answers checked against
+gold. `aft_fast.eval.evaluate` computes it together with every other metric (what the eval stage runs).
 """
 
 from __future__ import annotations

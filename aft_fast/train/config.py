@@ -63,7 +63,7 @@ class TrainConfig:
     tokenizer: str = _opt("", "tokenizer folder; empty: the model folder's (or the trained one)")
     vft_model: str = _opt("", "model that sample and aft start from; empty: <run_dir>/vft")
     eval_model: str = _opt(
-        "", "model to evaluate with --stage eval; empty: <run_dir>/aft, else <run_dir>/vft"
+        "", "model to evaluate with --stage eval; empty: --model, else <run_dir>/aft, else <run_dir>/vft"
     )
     candidates: str = _opt(
         "", "candidate JSONL that aft reads (sample writes); empty: <run_dir>/candidates.jsonl"
@@ -118,6 +118,17 @@ class TrainConfig:
     sample_limit: int = _opt(0, "sample only the first N training questions (0: all)")
     gen_batch_size: int = _opt(32, "questions per generate call (sampling and eval)")
     eval_limit: int = _opt(0, "evaluate only the first N test questions (0: all)")
+    eval_samples: int = _opt(
+        6,
+        "eval: samples per test question (temperature, top_p as in sampling) for self-consistency, "
+        "re-ranking and assessment accuracy; 0: greedy accuracy and perplexity only",
+    )
+    eval_candidates: str = _opt(
+        "",
+        "eval: a fixed candidate JSONL (e.g. <run_dir>/test_candidates_eval_vft.jsonl) that every evaluated "
+        "model scores, for assessment accuracy on the same chains; empty: --stage all scores eval_vft's "
+        "test samples with the AFT model",
+    )
     # --- checkpoints and logging -----------------------------------------------------------------------
     save_every: int = _opt(200, "DeepSpeed checkpoint every N optimizer steps (0: only the final HF folder)")
     keep_checkpoints: int = _opt(2, "DeepSpeed checkpoints kept per stage (older ones are deleted)")
@@ -180,7 +191,7 @@ def check(cfg: TrainConfig) -> None:
     ):
         if getattr(cfg, name) < 1:
             raise InputError(f"{name}: must be at least 1, got {getattr(cfg, name)}")
-    for name in ("save_every", "sample_limit", "eval_limit"):
+    for name in ("save_every", "sample_limit", "eval_limit", "eval_samples"):
         if getattr(cfg, name) < 0:
             raise InputError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.warmup_ratio < 1 or not 0 <= cfg.min_lr_ratio <= 1:

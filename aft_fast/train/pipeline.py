@@ -21,7 +21,8 @@ from transformers.utils import logging as hf_logging
 from aft_fast.data.candidates import CandidateGroup, read_candidates
 from aft_fast.data.formats import DataError, Example, prompt_text, read_examples
 from aft_fast.data.synthetic import write_default_task
-from aft_fast.eval.accuracy import greedy_accuracy
+from aft_fast.eval.evaluate import Evaluation, evaluate, split_scores, summary_line, write_results
+from aft_fast.eval.plots import plot_score_distributions
 from aft_fast.train.aft import run_aft
 from aft_fast.train.config import InputError, TrainConfig, to_yaml
 from aft_fast.train.engine import Dist, model_dtype, resolve_ds_config_path
@@ -88,6 +89,7 @@ class Inputs:
     test: list[Example]
     start_model: Path  # what the first requested stage loads
     groups: list[CandidateGroup] | None = None  # --stage aft: the candidate file, read up front
+    eval_groups: list[CandidateGroup] | None = None  # --eval_candidates: the fixed set every eval scores
 
 
 def prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
@@ -125,9 +127,11 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
     elif stage in ("sample", "aft"):
         start = Path(cfg.vft_model) if cfg.vft_model else run / "vft"
     else:
+        # `aft-fast eval --model PATH` evaluates any HF folder; --eval_model (if set) takes precedence.
+        chosen = cfg.eval_model or cfg.model
         start = (
-            Path(cfg.eval_model)
-            if cfg.eval_model
+            Path(chosen)
+            if chosen
             else next((run / s for s in ("aft", "vft") if (run / s).is_dir()), run / "aft")
         )
 
@@ -161,6 +165,9 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
                     f"{cfg.candidates_path}: mode {cfg.mode} needs ref_logp on every candidate; group "
                     f"{missing[0]!r} lacks it (sample with --mode={cfg.mode})"
                 )
+    eval_groups = None
+    if cfg.eval_candidates and stage in ("all", "eval"):
+        eval_groups = read_candidates(cfg.eval_candidates)
     what = [f"{len(train)} train examples"] if train else []
     what += [f"{len(test)} test examples"] if test else []
     what += [f"{len(groups)} candidate groups"] if groups else []
@@ -169,7 +176,7 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
         f"model {start}" + (f" ({n_params / 1e6:.2f}M params, from scratch)" if n_params else ""),
     ]
     summary.add("setup", time.perf_counter() - t0, ", ".join(what))
-    return Inputs(tokenizer, train, test, start, groups)
+    return Inputs(tokenizer, train, test, start, groups, eval_groups)
 
 
 def _evaluate(
@@ -181,29 +188,59 @@ def _evaluate(
     name: str,
     dtype: torch.dtype,
     summary: Summary,
-) -> None:
+    fixed: list[CandidateGroup] | None = None,
+) -> Evaluation:
+    """All metrics of one model (aft_fast.eval.evaluate); rank 0 writes predictions_<name>.jsonl,
+    eval_<name>.json, test_candidates_<name>.jsonl and the score plot scores_<name>.png."""
     t0 = time.perf_counter()
     model = load_replica(model_dir, dist.device, dtype)
-    examples = test[: cfg.eval_limit or None]
-    res = greedy_accuracy(
+    res = evaluate(
         model,
         tokenizer,
-        examples,
-        batch_size=cfg.gen_batch_size,
+        test[: cfg.eval_limit or None],
+        samples=cfg.eval_samples,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
         max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.gen_batch_size,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        fixed=fixed,
         progress=cfg.progress,
     )
     del model
     _free()
     if dist.is_main:
-        with (cfg.run_path / f"predictions_{name}.jsonl").open("w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in res.predictions)
-    MetricsLogger(cfg.run_dir, name, tensorboard=False).log(0, {"eval/accuracy": res.accuracy})
+        write_results(cfg.run_path, name, res, model=str(model_dir))
+        panels = [(f"{name}: own samples", *split_scores(res.groups, res.scored))] if cfg.eval_samples else []
+        if res.fixed_groups is not None:
+            panels.append((f"{name}: fixed set", *split_scores(res.fixed_groups, res.fixed_scored)))
+        if panels:
+            plot_score_distributions(panels, cfg.run_path / f"scores_{name}.png", title=str(model_dir))
+    values = {k: v for k, v in res.summary.items() if k.startswith("eval/") and v is not None}
+    MetricsLogger(cfg.run_dir, name, tensorboard=False).log(0, values)
     summary.add(
         name,
         time.perf_counter() - t0,
-        f"greedy accuracy {100 * res.accuracy:.1f}% ({res.correct}/{res.total}) of {model_dir}",
-        **{f"{name}/accuracy": res.accuracy},
+        f"{summary_line(res.summary)} of {model_dir}",
+        **{f"{name}/{k.removeprefix('eval/')}": v for k, v in values.items()},
+    )
+    return res
+
+
+def _plot_before_after(cfg: TrainConfig, before: Evaluation, after: Evaluation) -> None:
+    """scores_vft_vs_aft.png: both models scoring the same chains (the fixed set, else VFT's own samples)."""
+    if before.fixed_groups is not None:
+        vft = split_scores(before.fixed_groups, before.fixed_scored)
+    else:
+        vft = split_scores(before.groups, before.scored)
+    if after.fixed_groups is None:
+        return
+    aft = split_scores(after.fixed_groups, after.fixed_scored)
+    plot_score_distributions(
+        [("after VFT", *vft), ("after AFT", *aft)],
+        cfg.run_path / "scores_vft_vs_aft.png",
+        title=f"positive vs negative test chains ({cfg.mode})",
     )
 
 
@@ -234,6 +271,7 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
     # --stage all samples from the VFT model it just trained; a single stage may start elsewhere.
     vft_dir = inputs.start_model if cfg.stage in ("sample", "aft") else cfg.stage_model_dir("vft")
 
+    evals: dict[str, Evaluation] = {}  # eval_vft's result, for eval_aft's before/after comparison
     for stage in stages:
         if stage == "vft":
             if cfg.resume and _finished(vft_dir, cfg.vft_steps):
@@ -266,10 +304,21 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
                 continue
             _train_row("aft", run_aft(cfg, dist, tok, groups, vft_dir), summary)
         elif stage == "eval":
-            _evaluate(cfg, dist, tok, inputs.test, inputs.start_model, "eval", dtype, summary)
+            _evaluate(
+                cfg, dist, tok, inputs.test, inputs.start_model, "eval", dtype, summary, inputs.eval_groups
+            )
         else:  # eval_vft / eval_aft inside --stage all
             which = stage.split("_")[1]
-            _evaluate(cfg, dist, tok, inputs.test, cfg.stage_model_dir(which), stage, dtype, summary)
+            # AFT scores the chains VFT sampled on the test questions (unless a fixed set is given), so
+            # their assessment accuracies compare the two models on the same chains.
+            fixed = inputs.eval_groups
+            if which == "aft" and fixed is None and evals.get("vft") and cfg.eval_samples:
+                fixed = evals["vft"].groups
+            evals[which] = _evaluate(
+                cfg, dist, tok, inputs.test, cfg.stage_model_dir(which), stage, dtype, summary, fixed
+            )
+            if which == "aft" and "vft" in evals and dist.is_main:
+                _plot_before_after(cfg, evals["vft"], evals["aft"])
         _free()
 
     if dist.is_main:

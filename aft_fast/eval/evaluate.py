@@ -1,0 +1,300 @@
+"""Every test-set metric of one model (DESIGN.md section 1, step 5), for any local Hugging Face causal LM:
+
+- greedy accuracy;
+- self-consistency (majority vote over k samples) and re-ranking (the sample with the highest score),
+  with pass@k (some sample right) as their ceiling;
+- assessment accuracy on the model's own k samples, and on a fixed candidate set when given (the fair
+  comparison of several models: each scores the same chains);
+- perplexity of the reference chains.
+
+A candidate's score is DESIGN.md's s_c, the length-normalized log-likelihood of its chain (eos included)
+after the prompt, computed by the fused `linear_logprob` (no [tokens x vocab] logits), on exactly the
+tokens AFT's collation trains on. Definitions of the metrics: `aft_fast.eval.metrics`.
+
+Generation and scoring are batched and sharded across ranks (`map_sharded`); every rank gets the full
+result, rank 0 writes it. Sampling is seeded per batch, so results do not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from aft_fast import linear_logprob
+from aft_fast.data.answers import answers_match, extract_answer
+from aft_fast.data.candidates import CandidateGroup, label_candidates, write_candidates
+from aft_fast.data.collate import collate, encode_group
+from aft_fast.data.formats import Example
+from aft_fast.eval import metrics
+from aft_fast.eval.generation import generate_chains, map_sharded
+from aft_fast.train.model import forward_hidden
+
+
+@dataclass
+class Scored:
+    """One group scored by a model: per-candidate scores (length-normalized log-likelihood) and the
+    reference chain's summed NLL and token count (0 tokens: no reference scored)."""
+
+    scores: list[float]
+    ref_nll: float = 0.0
+    ref_tokens: int = 0
+
+
+@torch.no_grad()
+def score_groups(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    groups: list[CandidateGroup],
+    *,
+    max_length: int = 256,
+    batch_size: int = 32,
+    with_reference: bool = True,
+    progress: bool = True,
+    desc: str = "score",
+) -> list[Scored]:
+    """Score every candidate (and, with_reference, the reference chain) of each group; collective when
+    distributed. Chains longer than max_length are cut as in training."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+
+    def score(_: int, batch: list[CandidateGroup]) -> list[Scored]:
+        items = [encode_group(g, tokenizer, with_reference=with_reference) for g in batch]
+        keep = [i for i, item in enumerate(items) if item.members]
+        out = [Scored([]) for _ in batch]
+        if not keep:
+            return out
+        b = collate([items[i] for i in keep], pad_id=tokenizer.pad_token_id, max_length=max_length)
+        b = b.to(weight.device)
+        sums = linear_logprob(
+            forward_hidden(model, b),
+            weight,
+            rows=b.rows,
+            targets=b.targets,
+            segments=b.segments,
+            num_segments=b.num_segments,
+            bias=bias,
+        ).tolist()
+        counts = torch.bincount(b.segments, minlength=b.num_segments).tolist()
+        for s, (g, is_ref) in enumerate(zip(b.group.tolist(), b.is_reference.tolist(), strict=True)):
+            rec = out[keep[g]]
+            if is_ref:
+                rec.ref_nll, rec.ref_tokens = -sums[s], counts[s]
+            else:
+                rec.scores.append(sums[s] / counts[s])
+        return out
+
+    return map_sharded(groups, batch_size, score, desc=desc, progress=progress)
+
+
+def assessment(groups: list[CandidateGroup], scored: list[Scored]) -> metrics.Assessment:
+    return metrics.assessment_accuracy((s.scores, g.labels()) for g, s in zip(groups, scored, strict=True))
+
+
+def split_scores(groups: list[CandidateGroup], scored: list[Scored]) -> tuple[list[float], list[float]]:
+    """(scores of positives, scores of negatives) over the questions that have both (the ones assessment
+    accuracy counts), for the distribution plot. Ranked groups: top rank vs the rest."""
+    pos, neg = [], []
+    for g, s in zip(groups, scored, strict=True):
+        labels = g.labels()
+        if labels and max(labels) > min(labels):
+            top = max(labels)
+            for score, label in zip(s.scores, labels, strict=True):
+                (pos if label == top else neg).append(score)
+    return pos, neg
+
+
+@dataclass
+class Evaluation:
+    summary: dict[str, Any]  # eval/* metrics and counts (None where undefined)
+    records: list[dict[str, Any]]  # one per test question
+    groups: list[CandidateGroup]  # the model's own samples, labelled and de-duplicated
+    scored: list[Scored]
+    fixed_groups: list[CandidateGroup] | None = None
+    fixed_scored: list[Scored] | None = None
+    fixed_records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    *,
+    samples: int = 6,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+    max_length: int = 256,
+    seed: int = 0,
+    fixed: list[CandidateGroup] | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """All metrics of `model` on `examples` (collective when distributed). samples=0 skips sampling:
+    greedy accuracy and perplexity only (and the fixed set's assessment accuracy when given)."""
+
+    def generate(i: int, batch: list[Example]) -> list[tuple[str, list[str]]]:
+        questions = [e.question for e in batch]
+        greedy = generate_chains(model, tokenizer, questions, max_new_tokens=max_new_tokens)
+        sampled = [[] for _ in batch]
+        if samples:
+            sampled = generate_chains(
+                model,
+                tokenizer,
+                questions,
+                num_return_sequences=samples,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                seed=seed * 1_000_003 + i,
+            )
+        return [(g[0], s) for g, s in zip(greedy, sampled, strict=True)]
+
+    outputs = map_sharded(examples, batch_size, generate, desc="eval", progress=progress)
+    groups = [
+        label_candidates(CandidateGroup.from_example(e), texts)
+        for e, (_, texts) in zip(examples, outputs, strict=True)
+    ]
+    scored = score_groups(
+        model, tokenizer, groups, max_length=max_length, batch_size=batch_size, progress=progress
+    )
+
+    records = []
+    for e, (greedy, texts), g, s in zip(examples, outputs, groups, scored, strict=True):
+        pred = extract_answer(greedy, e.kind)
+        votes = [extract_answer(t, e.kind) for t in texts]
+        answers = [extract_answer(c.text, e.kind) for c in g.candidates]
+        vote, top = metrics.majority_vote(votes), metrics.rerank(s.scores, answers)
+        wins, pairs = metrics.pair_wins(s.scores, g.labels())
+        records.append(
+            {
+                "id": e.id,
+                "gold": e.gold,
+                "pred": pred,
+                "correct": answers_match(pred, e.gold, e.kind),
+                "output": greedy,
+                "votes": votes,
+                "vote": vote,
+                "vote_correct": answers_match(vote, e.gold, e.kind),
+                "rerank": top,
+                "rerank_correct": answers_match(top, e.gold, e.kind),
+                "pass_at_k": any(c.correct for c in g.candidates),
+                "pairs": pairs,
+                "pair_wins": wins,
+                "ref_nll": s.ref_nll,
+                "ref_tokens": s.ref_tokens,
+                "candidates": [
+                    {"text": c.text, "pred": a, "correct": c.correct, "score": sc}
+                    for c, a, sc in zip(g.candidates, answers, s.scores, strict=True)
+                ],
+            }
+        )
+
+    n = len(records)
+    own = assessment(groups, scored)
+    pos, neg = split_scores(groups, scored)
+    summary: dict[str, Any] = {
+        "questions": n,
+        "samples": samples,
+        "eval/accuracy": metrics.mean_or_none(r["correct"] for r in records),
+        "eval/perplexity": metrics.perplexity([s.ref_nll for s in scored], [s.ref_tokens for s in scored]),
+    }
+    if samples:
+        summary.update(
+            {
+                "eval/self_consistency": metrics.mean_or_none(r["vote_correct"] for r in records),
+                "eval/rerank_accuracy": metrics.mean_or_none(r["rerank_correct"] for r in records),
+                "eval/pass_at_k": metrics.mean_or_none(r["pass_at_k"] for r in records),
+                "eval/assess_acc": own.accuracy,
+                "eval/assess_pairs": own.pairs,
+                "eval/assess_questions": own.questions,
+                "eval/pos_score": metrics.mean_or_none(pos),
+                "eval/neg_score": metrics.mean_or_none(neg),
+            }
+        )
+    result = Evaluation(summary, records, groups, scored)
+    if fixed is not None:
+        fixed_scored = score_groups(
+            model,
+            tokenizer,
+            fixed,
+            max_length=max_length,
+            batch_size=batch_size,
+            with_reference=False,
+            progress=progress,
+            desc="score fixed",
+        )
+        a = assessment(fixed, fixed_scored)
+        fpos, fneg = split_scores(fixed, fixed_scored)
+        summary.update(
+            {
+                "eval/fixed_assess_acc": a.accuracy,
+                "eval/fixed_assess_pairs": a.pairs,
+                "eval/fixed_assess_questions": a.questions,
+                "eval/fixed_pos_score": metrics.mean_or_none(fpos),
+                "eval/fixed_neg_score": metrics.mean_or_none(fneg),
+            }
+        )
+        result.fixed_groups, result.fixed_scored = fixed, fixed_scored
+        result.fixed_records = [
+            {"id": g.id, "labels": g.labels(), "scores": s.scores}
+            for g, s in zip(fixed, fixed_scored, strict=True)
+        ]
+    return result
+
+
+def write_results(out_dir: str | Path, name: str, result: Evaluation, **meta: Any) -> dict[str, Path]:
+    """Rank 0: predictions_<name>.jsonl (one record per question), eval_<name>.json (the summary and
+    `meta`), test_candidates_<name>.jsonl (the model's own labelled samples, reusable as a fixed set), and
+    fixed_scores_<name>.jsonl when a fixed set was scored."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "predictions": out_dir / f"predictions_{name}.jsonl",
+        "summary": out_dir / f"eval_{name}.json",
+        "candidates": out_dir / f"test_candidates_{name}.jsonl",
+    }
+    with paths["predictions"].open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in result.records)
+    paths["summary"].write_text(json.dumps({**meta, **result.summary}, indent=1, default=str) + "\n")
+    if any(g.candidates for g in result.groups):
+        write_candidates(paths["candidates"], result.groups)
+    else:
+        del paths["candidates"]
+    if result.fixed_records:
+        paths["fixed_scores"] = out_dir / f"fixed_scores_{name}.jsonl"
+        with paths["fixed_scores"].open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in result.fixed_records)
+    return paths
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One line for the pipeline's table: the metrics that are defined, in percent."""
+
+    def pct(key: str) -> str:
+        v = summary.get(key)
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    n = summary["questions"]
+    right = round((summary.get("eval/accuracy") or 0.0) * n)
+    parts = [f"greedy accuracy {pct('eval/accuracy')} ({right}/{n})"]
+    if summary.get("samples"):
+        k = summary["samples"]
+        parts += [
+            f"maj@{k} {pct('eval/self_consistency')}",
+            f"re-rank@{k} {pct('eval/rerank_accuracy')}",
+            f"pass@{k} {pct('eval/pass_at_k')}",
+            f"assessment {pct('eval/assess_acc')} ({summary.get('eval/assess_pairs', 0)} pairs)",
+        ]
+    if "eval/fixed_assess_acc" in summary:
+        pairs = summary["eval/fixed_assess_pairs"]
+        parts.append(f"fixed-set assessment {pct('eval/fixed_assess_acc')} ({pairs} pairs)")
+    ppl = summary.get("eval/perplexity")
+    parts.append(f"reference perplexity {ppl:.3f}" if ppl is not None else "reference perplexity n/a")
+    return ", ".join(parts)
