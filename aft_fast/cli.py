@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if any(a in ("-h", "--help") for a in argv) and command is None else 2
     argv.remove(command)
     from aft_fast.train.config import InputError, load_config
-    from aft_fast.train.engine import init_distributed
+    from aft_fast.train.engine import init_distributed, shutdown_distributed
     from aft_fast.train.logging import print0
     from aft_fast.train.pipeline import run
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aft-fast {command}: error: {e}", file=sys.stderr)
         return 2
     print0("\n" + summary.table())
+    shutdown_distributed()
     return 0
 
 
