@@ -62,6 +62,8 @@ def init_distributed(backend: str = "auto") -> Dist:
         torch.cuda.set_device(local_rank)
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
+        if not cuda:
+            _unlink_shm_buffer(deepspeed.comm.get_rank())
     world = deepspeed.comm.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
@@ -69,6 +71,20 @@ def init_distributed(backend: str = "auto") -> Dist:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Dist(deepspeed.comm.get_rank(), world, local_rank, local_world, device)
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU allreduce (all ranks on one node) maps one /dev/shm segment per rank and never
+    unlinks it: every run would leave 66 MiB a rank behind in shared memory, killed runs included. Once
+    every rank has mapped its peers' segments (they do so inside init_distributed, before the barrier
+    returns), the names can go; the mappings stay valid until the processes exit."""
+    path = Path(
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    )
+    if deepspeed.comm.get_world_size() > 1:
+        deepspeed.comm.barrier()  # on every rank alike: whether a segment exists is no reason to skip it
+    path.unlink(missing_ok=True)
 
 
 def shutdown_distributed() -> None:
