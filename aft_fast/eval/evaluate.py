@@ -26,14 +26,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from aft_fast import linear_logprob
 from aft_fast.data.answers import answers_match, extract_answer
 from aft_fast.data.candidates import CandidateGroup, label_candidates, write_candidates
 from aft_fast.data.collate import collate, encode_group
 from aft_fast.data.formats import Example
 from aft_fast.eval import metrics
 from aft_fast.eval.generation import generate_chains, map_sharded
-from aft_fast.train.model import forward_hidden
+from aft_fast.train.model import segment_logprobs
 
 
 @dataclass
@@ -60,8 +59,7 @@ def score_groups(
 ) -> list[Scored]:
     """Score every candidate (and, with_reference, the reference chain) of each group; collective when
     distributed. Chains longer than max_length are cut as in training."""
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
+    device = model.get_output_embeddings().weight.device
 
     def score(_: int, batch: list[CandidateGroup]) -> list[Scored]:
         items = [encode_group(g, tokenizer, with_reference=with_reference) for g in batch]
@@ -70,16 +68,8 @@ def score_groups(
         if not keep:
             return out
         b = collate([items[i] for i in keep], pad_id=tokenizer.pad_token_id, max_length=max_length)
-        b = b.to(weight.device)
-        sums = linear_logprob(
-            forward_hidden(model, b),
-            weight,
-            rows=b.rows,
-            targets=b.targets,
-            segments=b.segments,
-            num_segments=b.num_segments,
-            bias=bias,
-        ).tolist()
+        b = b.to(device)
+        sums = segment_logprobs(model, b).tolist()
         counts = torch.bincount(b.segments, minlength=b.num_segments).tolist()
         for s, (g, is_ref) in enumerate(zip(b.group.tolist(), b.is_reference.tolist(), strict=True)):
             rec = out[keep[g]]

@@ -113,7 +113,8 @@ def check_groups(hidden, group, label, is_reference, ref_logp, *, mode, beta, w_
     if ref_logp is not None:
         _tensor("ref_logp", ref_logp, 1)
         if ref_logp.numel() != num_segments or not ref_logp.is_floating_point():
-            _fail("ref_logp", f"expected [{num_segments}] floating, got {tuple(ref_logp.shape)} {ref_logp.dtype}")
+            got = f"{tuple(ref_logp.shape)} {ref_logp.dtype}"
+            _fail("ref_logp", f"expected [{num_segments}] floating, got {got}")
         if ref_logp.device != hidden.device:
             _fail("ref_logp", f"on {ref_logp.device}, but hidden is on {hidden.device}")
         if not bool(torch.isfinite(ref_logp).all()):

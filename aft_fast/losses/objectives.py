@@ -92,7 +92,8 @@ def build_plan(
     pos_group = seg_group[order]
     reps = sizes[pos_group]
     a = torch.repeat_interleave(torch.arange(order.numel(), device=group.device), reps)
-    offset = torch.arange(a.numel(), device=group.device) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
+    first = torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)  # where each row's run starts
+    offset = torch.arange(a.numel(), device=group.device) - first
     b = starts[pos_group[a]] + offset
     i, j = order[a], order[b]
     candidate = ~is_reference

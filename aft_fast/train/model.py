@@ -19,7 +19,7 @@ from transformers.initialization import no_init_weights
 from transformers.integrations.deepspeed import prevent_arange_dtype_change
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from aft_fast import aft_loss
+from aft_fast import aft_loss, linear_logprob
 from aft_fast.data.collate import Batch
 from aft_fast.train import attention
 
@@ -240,6 +240,21 @@ def forward_hidden(lm: nn.Module, batch: Batch) -> torch.Tensor:
     out = base(**inputs, use_cache=False)
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])
+
+
+def segment_logprobs(lm: nn.Module, batch: Batch) -> torch.Tensor:
+    """[S] summed log-prob of each segment of `batch` under `lm`, through the fused operator (no [N, V]
+    logits): what sampling stores as the DPO reference and evaluation scores chains with."""
+    head = lm.get_output_embeddings()
+    return linear_logprob(
+        forward_hidden(lm, batch),
+        head.weight,
+        rows=batch.rows,
+        targets=batch.targets,
+        segments=batch.segments,
+        num_segments=batch.num_segments,
+        bias=getattr(head, "bias", None),
+    )
 
 
 class AFTModel(nn.Module):

@@ -16,14 +16,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from aft_fast import linear_logprob
 from aft_fast.data.candidates import Candidate, CandidateGroup, label_candidates, write_candidates
 from aft_fast.data.collate import collate, encode_group
 from aft_fast.data.formats import Example
 from aft_fast.eval.generation import generate_chains, map_sharded
 from aft_fast.train.config import TrainConfig
 from aft_fast.train.engine import Dist
-from aft_fast.train.model import forward_hidden, load_replica
+from aft_fast.train.model import load_replica, segment_logprobs
 
 
 @dataclass
@@ -58,19 +57,12 @@ def reference_logps(
 ) -> list[CandidateGroup]:
     """Copies of `groups` whose candidates carry their summed log-prob under `model` (the DPO reference),
     scored on exactly the tokens that AFT's collation scores."""
-    weight = model.get_output_embeddings().weight
+    device = model.get_output_embeddings().weight.device
 
     def score(_: int, batch: list[CandidateGroup]) -> list[list[float]]:
         items = [encode_group(g, tokenizer, with_reference=False) for g in batch]
-        b = collate(items, pad_id=tokenizer.pad_token_id, max_length=max_length).to(weight.device)
-        sums = linear_logprob(
-            forward_hidden(model, b),
-            weight,
-            rows=b.rows,
-            targets=b.targets,
-            segments=b.segments,
-            num_segments=b.num_segments,
-        ).tolist()
+        b = collate(items, pad_id=tokenizer.pad_token_id, max_length=max_length).to(device)
+        sums = segment_logprobs(model, b).tolist()
         out, i = [], 0
         for g in batch:
             out.append(sums[i : i + len(g.candidates)])
