@@ -8,12 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import aft_fast
 from aft_fast.data.candidates import Candidate, CandidateGroup
 from aft_fast.data.collate import Batch, collate, encode_example, encode_group, encode_prompt
 from aft_fast.data.formats import Example, prompt_text
 from aft_fast.data.synthetic import generate_problems
-from aft_fast.train.model import forward_hidden
+from aft_fast.train.model import segment_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +87,7 @@ def test_scores_equal_full_logits_of_a_causal_lm(tokenizer, groups):
     )
     lm = LlamaForCausalLM(cfg).eval()
     b = collate([encode_group(g, tokenizer) for g in groups], pad_id=tokenizer.pad_token_id, max_length=512)
-    sums = aft_fast.linear_logprob(
-        forward_hidden(lm, b),
-        lm.lm_head.weight,
-        rows=b.rows,
-        targets=b.targets,
-        segments=b.segments,
-        num_segments=b.num_segments,
-    )
+    sums = segment_logprobs(lm, b)
     logits = lm(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
     B, L = b.input_ids.shape

@@ -240,9 +240,7 @@ def member_scores(lm, b: Batch) -> torch.Tensor:
     sums = aft_fast.linear_logprob(
         forward_hidden(lm, b),
         lm.lm_head.weight,
-        rows=b.rows,
-        targets=b.targets,
-        segments=b.segments,
+        **b.token_index(),
         num_segments=b.num_segments,
         backend="torch",
     )
@@ -285,12 +283,8 @@ def test_aft_loss_and_gradients_equal_padded():
         out = aft_fast.aft_loss(
             forward_hidden(lm, b),
             lm.lm_head.weight,
-            rows=b.rows,
-            targets=b.targets,
-            segments=b.segments,
-            group=b.group,
-            label=b.label,
-            is_reference=b.is_reference,
+            **b.token_index(),
+            **b.group_inputs(),
             mode="bcl",
             beta=0.5,
         )

@@ -140,12 +140,8 @@ def test_fused_loss_gradients_under_zero3(assets, tmp_path):
         ref = aft_loss_ref(
             forward_hidden(lm, b),
             lm.get_output_embeddings().weight,
-            rows=b.rows,
-            targets=b.targets,
-            segments=b.segments,
-            group=b.group,
-            label=b.label,
-            is_reference=b.is_reference,
+            **b.token_index(),
+            **b.group_inputs(),
             mode="bcl",
             beta=0.5,
         )

@@ -69,6 +69,14 @@ class Batch:
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def token_index(self) -> dict[str, torch.Tensor]:
+        """rows, targets, segments: the fused operator's per-token keywords (aft_loss, linear_logprob)."""
+        return dict(rows=self.rows, targets=self.targets, segments=self.segments)
+
+    def group_inputs(self) -> dict[str, torch.Tensor]:
+        """group, label, is_reference: aft_loss's per-segment keywords (ref_logp is passed on its own)."""
+        return dict(group=self.group, label=self.label, is_reference=self.is_reference)
+
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: None if v is None else v.to(device) for k, v in self.tensors().items()})
 

@@ -249,9 +249,7 @@ def segment_logprobs(lm: nn.Module, batch: Batch) -> torch.Tensor:
     return linear_logprob(
         forward_hidden(lm, batch),
         head.weight,
-        rows=batch.rows,
-        targets=batch.targets,
-        segments=batch.segments,
+        **batch.token_index(),
         num_segments=batch.num_segments,
         bias=getattr(head, "bias", None),
     )
@@ -285,12 +283,8 @@ class AFTModel(nn.Module):
         out = aft_loss(
             hidden,
             head.weight,
-            rows=batch.rows,
-            targets=batch.targets,
-            segments=batch.segments,
-            group=batch.group,
-            label=batch.label,
-            is_reference=batch.is_reference,
+            **batch.token_index(),
+            **batch.group_inputs(),
             ref_logp=batch.ref_logp,
             bias=getattr(head, "bias", None),
             **self.loss_options,
