@@ -12,15 +12,21 @@
 TORCH_LIBRARY(aft_fast, m) {
   m.def(
       "chunk_logprob(Tensor h, Tensor weight, Tensor? bias, Tensor targets, Tensor(a!) buf, "
-      "Tensor? lse, Tensor? segments, Tensor(b!)? sums) -> (Tensor, Tensor)");
+      "Tensor? lse, Tensor? segments, Tensor(b!)? sums, Tensor(c!)? keep=None, "
+      "Tensor(d!)? keep_scale=None) -> (Tensor, Tensor)");
   m.def(
       "chunk_grad(Tensor(a!) probs, Tensor coef, Tensor targets, Tensor h, Tensor weight, Tensor rows, "
       "Tensor(b!)? grad_hidden, Tensor(c!)? grad_weight, Tensor(d!)? grad_bias) -> ()");
+  m.def(
+      "chunk_grad_kept(Tensor keep, Tensor keep_scale, Tensor logp, Tensor(a!) buf, Tensor coef, "
+      "Tensor targets, Tensor h, Tensor weight, Tensor rows, Tensor(b!)? grad_hidden, "
+      "Tensor(c!)? grad_weight, Tensor(d!)? grad_bias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(aft_fast, CPU, m) {
   m.impl("chunk_logprob", &aft_fast::chunk_logprob);
   m.impl("chunk_grad", &aft_fast::chunk_grad);
+  m.impl("chunk_grad_kept", &aft_fast::chunk_grad_kept);
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -59,6 +59,40 @@ float exp_shift_sum(float* z, int64_t n, float shift) {
   return s;
 }
 
+// out <- fp16(exp(z - shift) * mult), z untouched; returns the sum of exp(z - shift) in fp32.
+float exp_shift_sum_half(const float* z, at::Half* out, int64_t n, float shift, float mult) {
+  using VecH = at::vec::Vectorized<at::Half>;
+  int64_t i = 0;
+  const Vec vshift(shift), vmult(mult);
+  Vec acc(0.f);
+  for (; i + VecH::size() <= n; i += VecH::size()) {  // VecH holds two Vecs' worth
+    Vec a = (Vec::loadu(z + i) - vshift).exp_u20();
+    Vec b = (Vec::loadu(z + i + Vec::size()) - vshift).exp_u20();
+    acc = acc + a + b;
+    at::vec::convert_from_float<at::Half>(a * vmult, b * vmult).store(out + i);
+  }
+  float s = at::vec::vec_reduce_all<float>([](const Vec& x, const Vec& y) { return x + y; }, acc);
+  for (; i < n; ++i) {
+    const float e = std::exp(z[i] - shift);
+    s += e;
+    out[i] = static_cast<at::Half>(e * mult);
+  }
+  return s;
+}
+
+// z <- float(q) * factor.
+void half_scaled(const at::Half* q, float* z, int64_t n, float factor) {
+  using VecH = at::vec::Vectorized<at::Half>;
+  int64_t i = 0;
+  const Vec f(factor);
+  for (; i + VecH::size() <= n; i += VecH::size()) {
+    auto [a, b] = at::vec::convert_to_float<at::Half>(VecH::loadu(q + i));
+    (a * f).store(z + i);
+    (b * f).store(z + i + Vec::size());
+  }
+  for (; i < n; ++i) z[i] = static_cast<float>(q[i]) * factor;
+}
+
 void scale(float* z, int64_t n, float factor) {
   int64_t i = 0;
   const Vec f(factor);
@@ -84,6 +118,9 @@ void add_rows(at::Tensor& dst, const at::Tensor& rows, const at::Tensor& src) {
   });
 }
 
+// Kept probabilities are stored as fp16(exp(z - max) * kKeepMult); see chunk_logprob.
+constexpr float kKeepMult = 32768.f;
+
 // Grain of the row loop: a few rows per task keeps each thread streaming whole rows.
 constexpr int64_t kRowGrain = 4;
 
@@ -92,7 +129,8 @@ constexpr int64_t kRowGrain = 4;
 std::tuple<at::Tensor, at::Tensor> chunk_logprob(
     const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, at::Tensor& buf, const std::optional<at::Tensor>& lse,
-    const std::optional<at::Tensor>& segments, const std::optional<at::Tensor>& sums) {
+    const std::optional<at::Tensor>& segments, const std::optional<at::Tensor>& sums,
+    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& keep_scale) {
   check_f32_2d(h, "h");
   check_f32_2d(weight, "weight");
   check_f32_2d(buf, "buf");
@@ -109,6 +147,16 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
     TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->numel() == c, "lse: expected float32 [", c, "]");
   }
   TORCH_CHECK(segments.has_value() == sums.has_value(), "segments and sums: give both or neither");
+  TORCH_CHECK(keep.has_value() == keep_scale.has_value(), "keep and keep_scale: give both or neither");
+  if (keep) {
+    TORCH_CHECK(!lse, "keep: a recompute (lse given) has nothing to keep");
+    TORCH_CHECK(keep->scalar_type() == at::kHalf && keep->is_contiguous() && keep->dim() == 2 &&
+                    keep->size(0) == c && keep->size(1) == V,
+                "keep: expected a contiguous float16 [", c, ", ", V, "] tensor");
+    TORCH_CHECK(keep_scale->scalar_type() == at::kFloat && keep_scale->is_contiguous() &&
+                    keep_scale->numel() == c,
+                "keep_scale: expected a contiguous float32 [", c, "] tensor");
+  }
 
   at::mm_out(buf, h, weight.t());
 
@@ -122,6 +170,8 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
   float* sp = lse_out.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const bool have_lse = lse.has_value();
+  at::Half* kp = keep ? keep->data_ptr<at::Half>() : nullptr;
+  float* ksp = keep ? keep_scale->data_ptr<float>() : nullptr;
   std::atomic<int64_t> bad{-1};
 
   at::parallel_for(0, c, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -138,6 +188,13 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
       if (have_lse) {
         l = sp[r];
         exp_shift_sum(z, V, l);
+      } else if (kp) {
+        // exp(z - max) is in (0, 1]: times 2^15 it uses fp16's normal range down to 2^-29 of the
+        // largest probability (relative error 2^-11 there), instead of flushing small ones.
+        const float m = row_max(z, V);
+        const float s = exp_shift_sum_half(z, kp + r * V, V, m, kKeepMult);
+        ksp[r] = 1.f / (kKeepMult * s);
+        l = m + std::log(s);
       } else {
         const float m = row_max(z, V);
         const float s = exp_shift_sum(z, V, m);
@@ -166,20 +223,61 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
   return {logp, lse_out};
 }
 
-void chunk_grad(
-    at::Tensor& probs, const at::Tensor& coef, const at::Tensor& targets, const at::Tensor& h,
-    const at::Tensor& weight, const at::Tensor& rows, const std::optional<at::Tensor>& grad_hidden,
-    const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias) {
-  check_f32_2d(probs, "probs");
+namespace {
+
+// grad_hidden[rows] += g @ weight, grad_weight += g^T @ h, grad_bias += column sums of g [c, V].
+void accumulate_grads(
+    const at::Tensor& g, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& rows,
+    const std::optional<at::Tensor>& grad_hidden, const std::optional<at::Tensor>& grad_weight,
+    const std::optional<at::Tensor>& grad_bias) {
+  const int64_t c = g.size(0), V = g.size(1);
+  if (grad_hidden) {
+    TORCH_CHECK(grad_hidden->scalar_type() == at::kFloat && grad_hidden->dim() == 2 &&
+                    grad_hidden->size(1) == h.size(1) && grad_hidden->stride(1) == 1,
+                "grad_hidden: expected float32 [N, ", h.size(1), "] with contiguous rows");
+    at::Tensor rows_c = rows.contiguous();
+    const int64_t* rp = rows_c.data_ptr<int64_t>();
+    for (int64_t r = 0; r < c; ++r) {
+      TORCH_CHECK(rp[r] >= 0 && rp[r] < grad_hidden->size(0), "rows: index ", rp[r], " at position ", r,
+                  " outside grad_hidden's ", grad_hidden->size(0), " rows");
+    }
+    at::Tensor src = at::mm(g, weight);
+    at::Tensor dst = *grad_hidden;
+    add_rows(dst, rows_c, src);
+  }
+  if (grad_weight) {
+    TORCH_CHECK(grad_weight->scalar_type() == at::kFloat && grad_weight->sizes() == weight.sizes(),
+                "grad_weight: expected float32 of weight's shape");
+    grad_weight->addmm_(g.t(), h);
+  }
+  if (grad_bias) {
+    TORCH_CHECK(grad_bias->scalar_type() == at::kFloat && grad_bias->numel() == V,
+                "grad_bias: expected float32 [", V, "]");
+    grad_bias->add_(g.sum(0));
+  }
+}
+
+void check_grad_inputs(const at::Tensor& buf, const at::Tensor& coef, const at::Tensor& targets,
+                       const at::Tensor& h, const at::Tensor& weight, const at::Tensor& rows) {
+  check_f32_2d(buf, "probs");
   check_f32_2d(h, "h");
   check_f32_2d(weight, "weight");
-  const int64_t c = probs.size(0), V = probs.size(1);
-  TORCH_CHECK(probs.is_contiguous() && weight.size(0) == V, "probs: expected a contiguous [c, V] buffer");
+  const int64_t c = buf.size(0), V = buf.size(1);
+  TORCH_CHECK(buf.is_contiguous() && weight.size(0) == V, "probs: expected a contiguous [c, V] buffer");
   TORCH_CHECK(h.size(0) == c, "h: expected ", c, " rows, got ", h.size(0));
   check_index(targets, "targets", c);
   check_index(rows, "rows", c);
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.numel() == c, "coef: expected float32 [", c, "]");
+}
 
+}  // namespace
+
+void chunk_grad(
+    at::Tensor& probs, const at::Tensor& coef, const at::Tensor& targets, const at::Tensor& h,
+    const at::Tensor& weight, const at::Tensor& rows, const std::optional<at::Tensor>& grad_hidden,
+    const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias) {
+  check_grad_inputs(probs, coef, targets, h, weight, rows);
+  const int64_t c = probs.size(0), V = probs.size(1);
   at::Tensor cf = coef.contiguous();
   at::Tensor tgt = targets.contiguous();
   const float* cp = cf.data_ptr<float>();
@@ -198,31 +296,45 @@ void chunk_grad(
     }
   });
   TORCH_CHECK(bad.load() < 0, "targets: token id outside the vocabulary at position ", bad.load());
+  accumulate_grads(probs, h, weight, rows, grad_hidden, grad_weight, grad_bias);
+}
 
-  if (grad_hidden) {
-    TORCH_CHECK(grad_hidden->scalar_type() == at::kFloat && grad_hidden->dim() == 2 &&
-                    grad_hidden->size(1) == h.size(1) && grad_hidden->stride(1) == 1,
-                "grad_hidden: expected float32 [N, ", h.size(1), "] with contiguous rows");
-    at::Tensor rows_c = rows.contiguous();
-    const int64_t* rp = rows_c.data_ptr<int64_t>();
-    for (int64_t r = 0; r < c; ++r) {
-      TORCH_CHECK(rp[r] >= 0 && rp[r] < grad_hidden->size(0), "rows: index ", rp[r], " at position ", r,
-                  " outside grad_hidden's ", grad_hidden->size(0), " rows");
+void chunk_grad_kept(
+    const at::Tensor& keep, const at::Tensor& keep_scale, const at::Tensor& logp, at::Tensor& buf,
+    const at::Tensor& coef, const at::Tensor& targets, const at::Tensor& h, const at::Tensor& weight,
+    const at::Tensor& rows, const std::optional<at::Tensor>& grad_hidden,
+    const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias) {
+  check_grad_inputs(buf, coef, targets, h, weight, rows);
+  const int64_t c = buf.size(0), V = buf.size(1);
+  TORCH_CHECK(keep.scalar_type() == at::kHalf && keep.is_contiguous() && keep.dim() == 2 &&
+                  keep.size(0) == c && keep.size(1) == V,
+              "keep: expected a contiguous float16 [", c, ", ", V, "] tensor");
+  TORCH_CHECK(keep_scale.scalar_type() == at::kFloat && keep_scale.numel() == c,
+              "keep_scale: expected float32 [", c, "]");
+  TORCH_CHECK(logp.scalar_type() == at::kFloat && logp.numel() == c, "logp: expected float32 [", c, "]");
+  at::Tensor cf = coef.contiguous(), ks = keep_scale.contiguous(), lp = logp.contiguous();
+  at::Tensor tgt = targets.contiguous();
+  const float* cp = cf.data_ptr<float>();
+  const float* ksp = ks.data_ptr<float>();
+  const float* lpp = lp.data_ptr<float>();
+  const int64_t* tp = tgt.data_ptr<int64_t>();
+  const at::Half* kp = keep.data_ptr<at::Half>();
+  float* zp = buf.data_ptr<float>();
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, c, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (tp[r] < 0 || tp[r] >= V) {
+        bad.store(r);
+        continue;
+      }
+      float* z = zp + r * V;
+      half_scaled(kp + r * V, z, V, -cp[r] * ksp[r]);  // -coef * p
+      // The target's coef * (1 - p) from the exact fp32 log-prob: no cancellation when p is near 1.
+      z[tp[r]] = -cp[r] * std::expm1(lpp[r]);
     }
-    at::Tensor src = at::mm(probs, weight);
-    at::Tensor dst = *grad_hidden;
-    add_rows(dst, rows_c, src);
-  }
-  if (grad_weight) {
-    TORCH_CHECK(grad_weight->scalar_type() == at::kFloat && grad_weight->sizes() == weight.sizes(),
-                "grad_weight: expected float32 of weight's shape");
-    grad_weight->addmm_(probs.t(), h);
-  }
-  if (grad_bias) {
-    TORCH_CHECK(grad_bias->scalar_type() == at::kFloat && grad_bias->numel() == V,
-                "grad_bias: expected float32 [", V, "]");
-    grad_bias->add_(probs.sum(0));
-  }
+  });
+  TORCH_CHECK(bad.load() < 0, "targets: token id outside the vocabulary at position ", bad.load());
+  accumulate_grads(buf, h, weight, rows, grad_hidden, grad_weight, grad_bias);
 }
 
 }  // namespace aft_fast

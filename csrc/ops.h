@@ -11,17 +11,29 @@ namespace aft_fast {
 // Log-probs of one chunk of scored tokens, without a [T, V] buffer: buf [c, V] receives the logits
 // (h [c, H] @ weight[V, H]^T + bias) and ends holding the softmax probabilities. With `lse` given
 // (a recompute) it is used instead of being computed. When `segments` and `sums` are given, each
-// token's log-prob is added to sums[segments[t]]. Returns (logp [c], lse [c]), fp32.
+// token's log-prob is added to sums[segments[t]]. With `keep` (fp16 [c, V]) and `keep_scale` (fp32
+// [c]) the probabilities are kept there instead, for a backward without recompute:
+// p = float(keep) * keep_scale, and buf is scratch. Returns (logp [c], lse [c]), fp32.
 std::tuple<at::Tensor, at::Tensor> chunk_logprob(
     const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, at::Tensor& buf, const std::optional<at::Tensor>& lse,
-    const std::optional<at::Tensor>& segments, const std::optional<at::Tensor>& sums);
+    const std::optional<at::Tensor>& segments, const std::optional<at::Tensor>& sums,
+    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& keep_scale);
 
 // Turns probs [c, V] into d(loss)/d(logits) = coef * (onehot(target) - probs) in place and
 // accumulates grad_hidden[rows] += it @ weight, grad_weight += it^T @ h, grad_bias += column sums.
 void chunk_grad(
     at::Tensor& probs, const at::Tensor& coef, const at::Tensor& targets, const at::Tensor& h,
     const at::Tensor& weight, const at::Tensor& rows, const std::optional<at::Tensor>& grad_hidden,
+    const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias);
+
+// chunk_grad from probabilities kept by chunk_logprob: buf [c, V] (fp32 scratch) receives
+// coef * (onehot(target) - p), the target's entry from the fp32 log-prob `logp` [c]; then the same
+// three accumulations.
+void chunk_grad_kept(
+    const at::Tensor& keep, const at::Tensor& keep_scale, const at::Tensor& logp, at::Tensor& buf,
+    const at::Tensor& coef, const at::Tensor& targets, const at::Tensor& h, const at::Tensor& weight,
+    const at::Tensor& rows, const std::optional<at::Tensor>& grad_hidden,
     const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias);
 
 }  // namespace aft_fast

@@ -1,8 +1,9 @@
 """The per-backend implementation of the two operators, picked by name (L1 chooses the backend).
 
 Each implementation offers:
-  logprob_forward(hidden, weight, bias, rows, targets, chunk_size) -> (logp [T], lse [T]) fp32
-  logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size) -> grads
+  logprob_forward(hidden, weight, bias, rows, targets, chunk_size, keep_bytes) -> (logp [T], lse [T] fp32,
+      kept: a list of tensors, the probabilities kept within keep_bytes for backward, backend-defined)
+  logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size, logp, kept) -> grads
   aft_forward(hidden, weight, bias, rows, targets, segments, counts, plan, cfg, ref_logp, need,
               chunk_size) -> chunked.AFTResult
 """

@@ -7,6 +7,7 @@ reads out of bounds and never returns a silently wrong answer.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -84,6 +85,15 @@ def check_options(*, chunk_size, backend: str) -> None:
         _fail("backend", f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         _fail("chunk_size", f"expected a positive int or None, got {chunk_size!r}")
+
+
+def check_keep_probs(keep_probs) -> int:
+    """linear_logprob's keep_probs (False, True or a byte budget) as a byte budget."""
+    if isinstance(keep_probs, bool):
+        return sys.maxsize if keep_probs else 0
+    if not isinstance(keep_probs, int) or keep_probs < 0:
+        _fail("keep_probs", f"expected True, False or a byte budget (an int >= 0), got {keep_probs!r}")
+    return keep_probs
 
 
 def check_groups(hidden, group, label, is_reference, ref_logp, *, mode, beta, w_vft, w_align,

@@ -104,6 +104,23 @@ class _Chunks:
             sums.index_add_(0, segments, logp)
         return (h, probs, logp), lse
 
+    def logprob_keep(self, rows, targets):
+        """(logp, lse, keep, keep_scale) of one chunk, its probabilities kept in a new fp16 [c, V]
+        tensor (p = keep * keep_scale) for `grad_kept`."""
+        h = self.hidden.index_select(0, rows).float()
+        c, V = rows.numel(), self.weight.shape[0]
+        keep = torch.empty(c, V, dtype=torch.float16, device=self.weight.device)
+        keep_scale = torch.empty(c, dtype=torch.float32, device=self.weight.device)
+        logp, lse = self.prims.chunk_logprob(h, self.weight, self.bias, targets, self.buf[:c],
+                                             keep=keep, keep_scale=keep_scale)
+        return logp, lse, keep, keep_scale
+
+    def grad_kept(self, keep, keep_scale, logp, coef, targets, rows, grads: Grads) -> None:
+        """Gradients of one chunk from its kept probabilities: the two gradient products, no recompute."""
+        h = self.hidden.index_select(0, rows).float()
+        self.prims.chunk_grad_kept(keep, keep_scale, logp, self.buf[: rows.numel()], coef, targets, h,
+                                   self.weight, rows, grads.hidden, grads.weight, grads.bias)
+
     def grad_rows(self, state, coef, targets, rows, grads: Grads) -> None:
         h, probs, _ = state
         self.prims.chunk_grad(probs, coef, targets, h, self.weight, rows,
@@ -127,26 +144,47 @@ def _engine(prims, hidden, weight, bias, chunk_size: int):
     return engine(hidden, weight, bias, chunk_size)
 
 
-def logprob_forward(prims, hidden, weight, bias, rows, targets, chunk_size: int):
-    """Per-token (logp [T], lse [T]) in fp32, one chunk of tokens at a time."""
+def kept_chunks(vocab: int, tokens: int, chunk_size: int, keep_bytes: int) -> int:
+    """How many chunks, from the first, keep their probabilities within keep_bytes: 2 bytes a logit
+    (fp16) and 4 a token (its scale)."""
+    per_token = 2 * vocab + 4
+    kept_tokens = min(tokens, keep_bytes // per_token)
+    return kept_tokens // chunk_size + (kept_tokens == tokens and tokens % chunk_size != 0)
+
+
+def logprob_forward(prims, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0):
+    """Per-token (logp [T], lse [T]) in fp32, one chunk of tokens at a time, and `kept`: for the first
+    chunks that fit in keep_bytes, their probabilities (keep fp16 [c, V], keep_scale [c]), flat."""
     chunks = _Chunks(prims, hidden, weight, bias, chunk_size)
-    logp = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+    T = rows.numel()
+    logp = torch.empty(T, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(logp)
-    for start in range(0, rows.numel(), chunk_size):
+    n_kept = kept_chunks(weight.shape[0], T, chunk_size, keep_bytes)
+    kept = []
+    for i, start in enumerate(range(0, T, chunk_size)):
         sl = slice(start, start + chunk_size)
-        state, lse[sl] = chunks.logprob(rows[sl], targets[sl])
-        logp[sl] = state[2]
-    return logp, lse
+        if i < n_kept:
+            logp[sl], lse[sl], keep, keep_scale = chunks.logprob_keep(rows[sl], targets[sl])
+            kept += [keep, keep_scale]
+        else:
+            state, lse[sl] = chunks.logprob(rows[sl], targets[sl])
+            logp[sl] = state[2]
+    return logp, lse, kept
 
 
-def logprob_backward(prims, hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int):
-    """Gradients for d(loss)/d(logp) = coef [T], recomputing each chunk's logits from `lse`."""
+def logprob_backward(prims, hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int,
+                     logp=None, kept=()):
+    """Gradients for d(loss)/d(logp) = coef [T]: from the kept probabilities of the first chunks (two
+    products each), recomputing the other chunks' logits from `lse` (three)."""
     chunks = _Chunks(prims, hidden, weight, bias, chunk_size)
     grads = Grads.zeros(hidden, weight, bias, need)
-    for start in range(0, rows.numel(), chunk_size):
+    for i, start in enumerate(range(0, rows.numel(), chunk_size)):
         sl = slice(start, start + chunk_size)
-        state, _ = chunks.logprob(rows[sl], targets[sl], lse=lse[sl])
-        chunks.grad_rows(state, coef[sl], targets[sl], rows[sl], grads)
+        if 2 * i < len(kept):
+            chunks.grad_kept(kept[2 * i], kept[2 * i + 1], logp[sl], coef[sl], targets[sl], rows[sl], grads)
+        else:
+            state, _ = chunks.logprob(rows[sl], targets[sl], lse=lse[sl])
+            chunks.grad_rows(state, coef[sl], targets[sl], rows[sl], grads)
     return grads.cast_like(hidden, weight, bias)
 
 

@@ -93,18 +93,28 @@ def linear_logprob(
     bias: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    keep_probs: bool | int = False,
 ) -> torch.Tensor:
     """Per-segment sums of log p(targets[t] | hidden[rows[t]]) under the LM head: [S] float32.
 
-    Differentiable to hidden, weight and bias; memory stays O(chunk x V). Use it to build losses
-    other than `aft_loss` (the scores are sums / token counts). Arguments as in `aft_loss`.
+    Differentiable to hidden, weight and bias. Use it to build losses other than `aft_loss` (the
+    scores are sums / token counts). Arguments as in `aft_loss`, and:
+
+    keep_probs: what forward keeps for backward. False (default): the log-sum-exp only; backward
+        recomputes the logits (four matrix products in all) and memory stays O(chunk x V). True: every
+        chunk's softmax probabilities, so backward skips the recompute (three products, as unfused
+        autograd) at 2 bytes a logit (fp16, relative error 2^-11; the targets' probabilities stay
+        fp32) on the CPU backends, a logit in the input dtype on triton. An int: a budget in bytes;
+        the chunks that fit keep theirs, the rest recompute.
     """
     checks.check_projection(hidden, weight, bias)
     checks.check_options(chunk_size=chunk_size, backend=backend)
+    keep_bytes = checks.check_keep_probs(keep_probs)
     checks.check_tokens(hidden, weight, rows, targets, segments, num_segments)
     inputs = LogProbInputs(
         rows=rows, targets=targets, segments=segments, num_segments=num_segments,
         backend=resolve_backend(backend, hidden.device),
         chunk_size=chunk_size or default_chunk_size(weight.shape[0], rows.numel()),
+        keep_bytes=keep_bytes,
     )
     return LinearLogProbFunction.apply(hidden, weight, bias, inputs)

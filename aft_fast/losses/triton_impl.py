@@ -60,12 +60,16 @@ def _cast(grads, hidden, weight, bias) -> tuple:
     return tuple(None if g is None else g.to(like.dtype) for g, like in pairs)
 
 
-def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int):
-    """(logp [T], lse [T]) fp32."""
-    return linear_logprob_fwd(hidden, weight, bias, rows, targets)
+def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0):
+    """(logp [T], lse [T]) fp32, and what backward needs beyond them (nothing here)."""
+    if keep_bytes:
+        raise ValueError("keep_probs: the triton backend does not keep probabilities yet; "
+                         "use keep_probs=False (it recomputes them)")
+    logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets)
+    return logp, lse, []
 
 
-def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int):
+def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int, logp=None, kept=()):
     """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where need[i] is False)."""
     keep = coef != 0
     if not bool(keep.all()):  # drop the tokens that cannot contribute before the launch
@@ -189,7 +193,7 @@ def aft_forward(
         check_inputs(hidden, weight, bias, rows, targets)
         return chunked.aft_forward(triton_chunks, hidden, weight, bias, rows, targets, segments, counts, plan,
                                    cfg, ref_logp, need, chunk_size, objective=GroupKernelObjective)
-    logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets)
+    logp, lse, _ = logprob_forward(hidden, weight, bias, rows, targets, chunk_size)
     sums = torch.zeros(counts.numel(), dtype=torch.float32, device=hidden.device)
     sums.index_add_(0, segments, logp)
     loss, vft, align, dsum = objective_with_grad(sums, counts.float(), plan, cfg, ref_logp)

@@ -15,22 +15,32 @@ except ImportError as exc:  # not built: backend "auto" falls back to torch
     BUILD_ERROR = str(exc)
 
 
-def chunk_logprob(h, weight, bias, targets, buf, lse=None, segments=None, sums=None):
-    return torch.ops.aft_fast.chunk_logprob(h, weight, bias, targets, buf, lse, segments, sums)
+def chunk_logprob(h, weight, bias, targets, buf, lse=None, segments=None, sums=None, keep=None, keep_scale=None):
+    return torch.ops.aft_fast.chunk_logprob(h, weight, bias, targets, buf, lse, segments, sums, keep, keep_scale)
 
 
 def chunk_grad(probs, coef, targets, h, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:
     torch.ops.aft_fast.chunk_grad(probs, coef, targets, h, weight, rows, grad_hidden, grad_weight, grad_bias)
 
 
+def chunk_grad_kept(keep, keep_scale, logp, buf, coef, targets, h, weight, rows, grad_hidden, grad_weight,
+                    grad_bias) -> None:
+    torch.ops.aft_fast.chunk_grad_kept(keep, keep_scale, logp, buf, coef, targets, h, weight, rows, grad_hidden,
+                                       grad_weight, grad_bias)
+
+
 if AVAILABLE:
 
     @torch.library.register_fake("aft_fast::chunk_logprob")
-    def _(h, weight, bias, targets, buf, lse, segments, sums):
+    def _(h, weight, bias, targets, buf, lse, segments, sums, keep=None, keep_scale=None):
         return h.new_empty(h.shape[0], dtype=torch.float32), h.new_empty(h.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("aft_fast::chunk_grad")
     def _(probs, coef, targets, h, weight, rows, grad_hidden, grad_weight, grad_bias):
+        return None
+
+    @torch.library.register_fake("aft_fast::chunk_grad_kept")
+    def _(keep, keep_scale, logp, buf, coef, targets, h, weight, rows, grad_hidden, grad_weight, grad_bias):
         return None
 
 

@@ -1,12 +1,16 @@
 """Chunk primitives in plain PyTorch: the `torch` backend, and the model the C++ ops follow.
 
-Both take fp32 tensors (the chunk loop upcasts once) and work in place on a [c, V] buffer so that
+They take fp32 tensors (the chunk loop upcasts once) and work in place on a [c, V] buffer so that
 one buffer serves every chunk of a call.
 """
 
 from __future__ import annotations
 
 import torch
+
+# Kept probabilities are fp16(exp(z - max) * KEEP_MULT): values in (0, 2^15], so fp16's normal range
+# reaches down to 2^-29 of the largest probability (relative error 2^-11 there) before flushing.
+KEEP_MULT = 2.0**15
 
 
 def chunk_logprob(
@@ -16,20 +20,41 @@ def chunk_logprob(
     targets: torch.Tensor,
     buf: torch.Tensor,
     lse: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    keep_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of one chunk. h [c, H], weight [V, H], bias [V] or None, targets [c], buf [c, V].
 
     buf ends holding the softmax probabilities (what the gradient needs). With `lse` given (a
-    recompute in backward) the log-sum-exp is not recomputed. Returns (logp [c], lse [c]), fp32.
+    recompute in backward) the log-sum-exp is not recomputed. With `keep` (fp16 [c, V]) and
+    `keep_scale` (fp32 [c]) the probabilities go there instead, p = keep * keep_scale, for a backward
+    without recompute (`chunk_grad_kept`), and buf is scratch. Returns (logp [c], lse [c]), fp32.
     """
     torch.mm(h, weight.t(), out=buf)
     if bias is not None:
         buf.add_(bias)
     target_logit = buf.gather(1, targets[:, None]).squeeze(1)
+    if keep is not None:
+        top = buf.amax(dim=1, keepdim=True)
+        total = buf.sub_(top).exp_().sum(dim=1)
+        keep.copy_(buf.mul_(KEEP_MULT))
+        keep_scale.copy_(1.0 / (KEEP_MULT * total))
+        lse = top.squeeze(1) + total.log()
+        return target_logit - lse, lse
     if lse is None:
         lse = torch.logsumexp(buf, dim=1)
     buf.sub_(lse[:, None]).exp_()
     return target_logit - lse, lse
+
+
+def _accumulate(g, h, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:
+    """grad_hidden[rows] += g @ weight, grad_weight += g^T @ h, grad_bias += g's column sums."""
+    if grad_hidden is not None:
+        grad_hidden.index_put_((rows,), g @ weight, accumulate=True)  # index_add_ is slow on CPU
+    if grad_weight is not None:
+        grad_weight.addmm_(g.t(), h)
+    if grad_bias is not None:
+        grad_bias.add_(g.sum(0))
 
 
 def chunk_grad(
@@ -49,9 +74,14 @@ def chunk_grad(
     grad_hidden [N, H] gets it @ weight scattered by `rows`, grad_weight [V, H] gets it^T @ h.
     """
     probs.mul_(-coef[:, None]).scatter_add_(1, targets[:, None], coef[:, None])
-    if grad_hidden is not None:
-        grad_hidden.index_put_((rows,), probs @ weight, accumulate=True)  # index_add_ is slow on CPU
-    if grad_weight is not None:
-        grad_weight.addmm_(probs.t(), h)
-    if grad_bias is not None:
-        grad_bias.add_(probs.sum(0))
+    _accumulate(probs, h, weight, rows, grad_hidden, grad_weight, grad_bias)
+
+
+def chunk_grad_kept(keep, keep_scale, logp, buf, coef, targets, h, weight, rows, grad_hidden, grad_weight,
+                    grad_bias) -> None:
+    """`chunk_grad` from the probabilities `chunk_logprob` kept: buf [c, V] (scratch) receives
+    coef * (onehot(target) - p); the target's entry comes from the fp32 log-prob, -coef * expm1(logp),
+    so a probability near 1 loses nothing to fp16."""
+    torch.mul(keep, (-coef * keep_scale)[:, None], out=buf)
+    buf.scatter_(1, targets[:, None], (-coef * torch.expm1(logp))[:, None])
+    _accumulate(buf, h, weight, rows, grad_hidden, grad_weight, grad_bias)
