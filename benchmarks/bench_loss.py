@@ -4,6 +4,8 @@ Providers, all on the same inputs in one run:
   eager   the unfused reference (full [T, V] logits, log_softmax, autograd): aft_fast.reference
   torch   aft_fast, backend="torch" (chunked pure PyTorch)
   cpp     aft_fast, backend="cpp" (the C++ extension)
+  cpp-keep  linear_logprob only: backend="cpp", keep_probs=True (fp16 probabilities kept for backward:
+          three products instead of four, T x V x 2 bytes more memory)
   cce     Cut Cross-Entropy's linear_cross_entropy (its CPU path: torch.compile), per-token log-probs
           summed per segment, then the same loss
   liger   Liger-Kernel's chunked CPO loss (its CPU path: torch.compile per chunk): the same tokens
@@ -32,7 +34,8 @@ except ImportError:
     import _common  # python benchmarks/bench_loss.py: the script's own folder is on sys.path
 
 HERE = Path(__file__).resolve()
-PROVIDERS = ["eager", "torch", "cpp", "cce", "liger", "floor"]
+PROVIDERS = ["eager", "torch", "cpp", "cpp-keep", "cce", "liger", "floor"]
+ONLY_FOR = {"cpp-keep": "linear_logprob"}  # aft_loss forms its gradient in the forward pass: nothing to keep
 OPS = ["aft_loss", "linear_logprob"]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -129,6 +132,13 @@ def build_call(op: str, provider: str, batch: dict):
                                                backend=provider)).backward()
         return call
 
+    if provider == "cpp-keep":
+        def call():
+            clear()
+            finish(aft_fast.linear_logprob(hidden, weight, **index, num_segments=S, backend="cpp",
+                                           keep_probs=True)).backward()
+        return call
+
     if provider == "eager":
         if op == "aft_loss":
             def call():
@@ -223,6 +233,8 @@ def main() -> None:
     for op in ops:
         results = {}
         for provider in providers:
+            if ONLY_FOR.get(provider, op) != op:
+                continue
             print(f"[bench_loss] {op} / {provider} ...", file=sys.stderr, flush=True)
             worker_args = ["--worker", "--op", op, "--provider", provider, "--repeats", str(args.repeats),
                            *(f"--{k}={v}" for k, v in shape.items())]

@@ -161,6 +161,47 @@ def test_linear_logprob(backend, dtype):
             assert err <= 2 * err_ref + ATOL[dtype]
 
 
+def _logprob_run(fn, p: Problem, upstream, **extra):
+    """(sums, grad_hidden, grad_weight, grad_bias) of sum(upstream * fn(...)) on fresh leaves."""
+    h, w, b = (t.detach().clone().requires_grad_() for t in (p.hidden, p.weight, p.bias))
+    sums = fn(h, w, bias=b, rows=p.rows, targets=p.targets, segments=p.segments, num_segments=upstream.numel(),
+              **extra)
+    (sums * upstream).sum().backward()
+    return sums.detach(), h.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # triton: test_triton_backend.py
+@pytest.mark.parametrize("keep", [True, "part"])
+@pytest.mark.parametrize("scale", [1.0, 8.0], ids=["flat", "peaked"])
+def test_linear_logprob_keep_probs(backend, keep, scale):
+    """Kept probabilities (fp16, per-row scale) give the reference's sums as without keeping, and its
+    gradients to 1e-3 of each gradient's largest entry (fp16 rounds each probability by up to 2^-11,
+    so entries that cancel lose that much of the terms' size, not of their own), also when most
+    probabilities are near 0 or 1 (scale 8)."""
+    p = make_problem(seed=11, bias=True, scale=scale)
+    S, V, chunk = p.group.numel(), p.weight.shape[0], 10
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(0))
+    if keep == "part":  # a budget that holds two chunks and a half: two keep, the others recompute
+        keep = int(2.5 * chunk * (2 * V + 4))
+    ours = _logprob_run(aft_fast.linear_logprob, p, upstream, backend=backend, chunk_size=chunk, keep_probs=keep)
+    ref = _logprob_run(linear_logprob_ref, p, upstream)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(["grad_hidden", "grad_weight", "grad_bias"], ours[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
+
+
+def test_keep_probs_budget_counts_whole_chunks():
+    from aft_fast.losses.chunked import kept_chunks
+
+    V, T, c = 100, 95, 10
+    per_chunk = c * (2 * V + 4)
+    assert kept_chunks(V, T, c, 0) == 0
+    assert kept_chunks(V, T, c, per_chunk - 1) == 0
+    assert kept_chunks(V, T, c, 3 * per_chunk + per_chunk // 2) == 3
+    assert kept_chunks(V, T, c, T * (2 * V + 4)) == 10  # the last chunk holds 5 tokens
+    assert kept_chunks(V, T, c, 10**18) == 10
+
+
 def test_module_forwards_options():
     p = make_problem(seed=10)
     loss_fn = aft_fast.AFTLoss(mode="dcl", beta=0.7, w_vft=0.5, backend="torch")

@@ -98,6 +98,14 @@ def test_linear_logprob_checks_num_segments_and_ranges():
         aft_fast.linear_logprob(p.hidden, p.weight, **kw, num_segments=3)
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, "yes", None])
+def test_linear_logprob_checks_keep_probs(bad):
+    p = make_problem(seed=0)
+    kw = dict(rows=p.rows, targets=p.targets, segments=p.segments, num_segments=p.group.numel())
+    with pytest.raises(ValueError, match="^keep_probs:"):
+        aft_fast.linear_logprob(p.hidden, p.weight, **kw, keep_probs=bad)
+
+
 def test_cpp_backend_refuses_when_unavailable_or_wrong_device(monkeypatch):
     from aft_fast.ops import cpp_chunks
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -60,3 +62,88 @@ def test_recompute_with_given_lse_and_segment_sums():
     torch.testing.assert_close(logp2, logp)
     torch.testing.assert_close(sums, torch.zeros(3).index_add(0, segs, logp))
     torch.testing.assert_close(buf.sum(1), torch.ones(h.shape[0]))
+
+
+def _kept(prims, h, w, b, targets):
+    c, V = h.shape[0], w.shape[0]
+    keep, keep_scale = torch.empty(c, V, dtype=torch.float16), torch.empty(c)
+    logp, lse = prims.chunk_logprob(h, w, b, targets, torch.empty(c, V), keep=keep, keep_scale=keep_scale)
+    return logp, lse, keep, keep_scale
+
+
+def test_opcheck_kept():
+    h, w, b, targets = _chunk()
+    c, V = h.shape[0], w.shape[0]
+    keep, keep_scale = torch.empty(c, V, dtype=torch.float16), torch.empty(c)
+    torch.library.opcheck(torch.ops.aft_fast.chunk_logprob.default,
+                          (h, w, b, targets, torch.empty(c, V), None, None, None, keep, keep_scale),
+                          test_utils=("test_schema", "test_faketensor"))
+    logp, _, keep, keep_scale = _kept(cpp_chunks, h, w, b, targets)
+    rows = torch.tensor([0, 2, 2, 5, 1, 0, 3])
+    args = (keep, keep_scale, logp, torch.empty(c, V), torch.randn(c), targets, h, w, rows, torch.zeros(6, 12),
+            torch.zeros_like(w), torch.zeros(V))
+    torch.library.opcheck(torch.ops.aft_fast.chunk_grad_kept.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("V", [301, 64, 16, 1])  # 64: whole fp16 vectors; 301, 16, 1: scalar tails
+def test_kept_probabilities_match_torch_primitives(bias, V):
+    """chunk_logprob(keep=...) keeps the softmax (p = keep * keep_scale) and gives the same log-probs;
+    chunk_grad_kept gives chunk_grad's gradients: in C++ and in the torch primitives alike."""
+    h, w, b, targets = _chunk(seed=V + 1, V=V, bias=bias)
+    c = h.shape[0]
+    coef = torch.linspace(-1, 2, c)
+    rows = torch.tensor([0, 2, 2, 5, 1, 0, 3])
+    buf = torch.empty(c, V)
+    logp_ref, lse_ref = torch_chunks.chunk_logprob(h, w, b, targets, buf)
+    probs = buf.clone()
+    ref = [torch.zeros(6, h.shape[1]), torch.zeros_like(w), torch.zeros(V)]
+    torch_chunks.chunk_grad(buf, coef, targets, h, w, rows, *ref)
+    for prims in (torch_chunks, cpp_chunks):
+        logp, lse, keep, keep_scale = _kept(prims, h, w, b, targets)
+        torch.testing.assert_close(logp, logp_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-6)
+        assert keep.dtype == torch.float16 and float(keep.float().max()) <= 2.0**15 * (1 + 2**-10)
+        torch.testing.assert_close(keep.float() * keep_scale[:, None], probs, rtol=2**-10, atol=1e-7)
+        grads = [torch.zeros(6, h.shape[1]), torch.zeros_like(w), torch.zeros(V)]
+        prims.chunk_grad_kept(keep, keep_scale, logp, torch.empty(c, V), coef, targets, h, w, rows, *grads)
+        for name, a, r in zip(["hidden", "weight", "bias"], grads, ref):
+            torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3 * float(r.abs().max()), msg=lambda m: f"{name}: {m}")
+
+
+def test_kept_target_probability_near_one_keeps_its_gradient():
+    """A target with p = 1 - 1e-3 has gradient coef * 1e-3 on its logit: taken from the fp32 log-prob
+    (error ~1e-4), not from fp16, whose spacing near 1 (2^-11) would put 1 - p off by up to 25%."""
+    V = 40
+    h = torch.ones(1, 1)
+    w = torch.full((V, 1), -math.log((V - 1) * (1 - 1e-3) / 1e-3))
+    w[3] = 0.0  # p[3] = 1 - 1e-3, the others share 1e-3
+    targets = torch.tensor([3])
+    logp, _, keep, keep_scale = _kept(cpp_chunks, h, w, None, targets)
+    g = torch.zeros(V, 1)
+    cpp_chunks.chunk_grad_kept(keep, keep_scale, logp, torch.empty(1, V), torch.ones(1), targets, h, w,
+                               torch.tensor([0]), None, g, None)
+    torch.testing.assert_close(g[3], torch.tensor([1e-3]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(g[:3].sum() + g[4:].sum(), torch.tensor(-1e-3), rtol=1e-3, atol=0)
+
+
+def test_kept_ops_check_their_arguments():
+    h, w, b, targets = _chunk()
+    c, V = h.shape[0], w.shape[0]
+    buf = torch.empty(c, V)
+    with pytest.raises(RuntimeError, match="keep: expected a contiguous float16"):
+        cpp_chunks.chunk_logprob(h, w, b, targets, buf, keep=torch.empty(c, V), keep_scale=torch.empty(c))
+    with pytest.raises(RuntimeError, match="keep and keep_scale: give both"):
+        cpp_chunks.chunk_logprob(h, w, b, targets, buf, keep=torch.empty(c, V, dtype=torch.float16))
+    _, lse = cpp_chunks.chunk_logprob(h, w, b, targets, buf)
+    with pytest.raises(RuntimeError, match="keep: a recompute"):
+        cpp_chunks.chunk_logprob(h, w, b, targets, buf, lse, keep=torch.empty(c, V, dtype=torch.float16),
+                                 keep_scale=torch.empty(c))
+    logp, _, keep, keep_scale = _kept(cpp_chunks, h, w, b, targets)
+    with pytest.raises(RuntimeError, match="keep: expected a contiguous float16"):
+        cpp_chunks.chunk_grad_kept(keep[:, :-1], keep_scale, logp, buf, torch.ones(c), targets, h, w,
+                                   torch.zeros(c, dtype=torch.long), None, None, None)
+    with pytest.raises(RuntimeError, match="targets: token id outside"):
+        cpp_chunks.chunk_grad_kept(keep, keep_scale, logp, buf, torch.ones(c), targets + V, h, w,
+                                   torch.zeros(c, dtype=torch.long), None, None, None)

@@ -35,3 +35,51 @@ def test_fused_backends_stay_within_a_chunk(backend):
     largest = _largest_allocation(lambda h, w, **kw: aft_fast.aft_loss(h, w, **kw, backend=backend,
                                                                       chunk_size=CHUNK))
     assert largest <= 2 * CHUNK * V * 4, f"{largest / 2**20:.1f} MiB in one allocation"
+
+
+CPU_FUSED = [b for b in backends_under_test() if b != "triton"]
+
+
+def _logprob_inputs():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T + 1, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    kw = dict(rows=torch.arange(T), targets=torch.randint(0, V, (T,), generator=g),
+              segments=torch.arange(T) // 16, num_segments=T // 16)
+    return hidden, weight, kw
+
+
+def _profile_linear_logprob(backend, keep_probs):
+    hidden, weight, kw = _logprob_inputs()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        sums = aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK, keep_probs=keep_probs)
+        (sums * torch.linspace(-1, 1, sums.numel())).sum().backward()
+    events = prof.events()
+    products = sum(e.name in ("aten::mm", "aten::addmm", "aten::addmm_") for e in events)
+    return products, max(e.cpu_memory_usage for e in events)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_linear_logprob_products_and_largest_allocation(backend):
+    """Without keep_probs: four [chunk, H] x [H, V]-sized products a chunk (the backward recomputes the
+    logits) and no allocation beyond O(chunk x V); with it, three a chunk (no recompute)."""
+    chunks = T // CHUNK
+    products, largest = _profile_linear_logprob(backend, keep_probs=False)
+    assert products == 4 * chunks
+    assert largest <= 2 * CHUNK * V * 4, f"{largest / 2**20:.1f} MiB in one allocation"
+    products, _ = _profile_linear_logprob(backend, keep_probs=True)
+    assert products == 3 * chunks
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_keep_probs_stays_within_its_budget(backend):
+    from aft_fast.losses import backends
+
+    hidden, weight, kw = _logprob_inputs()
+    per_chunk = CHUNK * (2 * V + 4)  # fp16 probabilities and an fp32 scale a token
+    impl = backends.get(backend)
+    for budget, expect in ((0, 0), (per_chunk - 1, 0), (5 * per_chunk + 7, 5), (10**15, T // CHUNK)):
+        _, _, kept = impl.logprob_forward(hidden.detach(), weight.detach(), None, kw["rows"], kw["targets"],
+                                          CHUNK, budget)
+        assert len(kept) == 2 * expect
+        assert sum(t.numel() * t.element_size() for t in kept) <= max(budget, 0)
