@@ -14,7 +14,8 @@ Providers, all on the same inputs in one run:
 
 Default shape: T=4096 scored tokens in groups of k=6 candidates plus a reference chain, H=1024,
 V=32000, fp32. Reports the median time of forward+backward, the peak memory each adds over the
-inputs, its gradients included (see _common.py), and ratios to the matmul floor and to eager. Writes benchmarks/results/bench_loss.{csv,md}.
+inputs, its gradients included (see _common.py), and ratios to the matmul floor and to eager.
+Writes benchmarks/results/bench_loss.{csv,md}.
 
     python benchmarks/bench_loss.py                      # default shape, all providers
     python benchmarks/bench_loss.py --tokens 512 --vocab 4000 --hidden 256 --repeats 2   # quick
@@ -124,7 +125,8 @@ def build_call(op: str, provider: str, batch: dict):
         if op == "aft_loss":
             def call():
                 clear()
-                aft_fast.aft_loss(hidden, weight, **index, **groups, mode="bcl", backend=provider).loss.backward()
+                out = aft_fast.aft_loss(hidden, weight, **index, **groups, mode="bcl", backend=provider)
+                out.loss.backward()
         else:
             def call():
                 clear()
@@ -202,7 +204,8 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096, help="scored tokens T")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size H")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size V")
@@ -289,7 +292,8 @@ def _section(op: str, results: dict, shape: dict) -> str:
             f"{mem / eager_mem:.0%}" if mem is not None and eager_mem else "",
         ])
     table = _common.markdown_table(
-        ["provider", "fwd+bwd ms (median)", "vs matmul floor", "vs eager", "peak added MiB", "memory vs eager"],
+        ["provider", "fwd+bwd ms (median)", "vs matmul floor", "vs eager", "peak added MiB",
+         "memory vs eager"],
         rows)
     return f"## {op}\n\n{table}"
 

@@ -29,12 +29,13 @@ def _mode_kwargs(mode: str, p: Problem) -> dict:
 
 def _assert_fp32_close(ours, ref):
     names = ["loss", "scores", "grad_hidden", "grad_weight", "grad_bias"]
-    for name, a, b in zip(names, ours, ref):
+    for name, a, b in zip(names, ours, ref, strict=True):
         if b is None:
             assert a is None, name
             continue
         rtol, atol = (1e-4, 1e-6) if name in ("loss", "scores") else (1e-3, 1e-6)
-        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -62,7 +63,7 @@ def test_bf16_within_pytorch_error(backend, mode):
     ref = _run(aft_loss_ref, low, **kw)
     ours = _run(aft_fast.aft_loss, low, backend=backend, chunk_size=16, **kw)
     assert ours[2].dtype == torch.bfloat16 and ours[3].dtype == torch.bfloat16
-    for name, a, r, g in zip(["loss", "scores", "grad_hidden", "grad_weight"], ours, ref, gold):
+    for name, a, r, g in zip(["loss", "scores", "grad_hidden", "grad_weight"], ours, ref, gold, strict=False):
         err_ours = (a.double() - g.double()).abs().max()
         err_ref = (r.double() - g.double()).abs().max()
         assert err_ours <= 2 * err_ref + ATOL[torch.bfloat16], f"{name}: {err_ours} > 2 * {err_ref}"
@@ -103,7 +104,8 @@ def test_groups_without_pairs_add_nothing(backend):
 def test_no_pairs_anywhere_gives_zero_align(backend):
     p = make_problem(seed=6, members=[[2, 3]])
     p.label[:] = 1
-    out = aft_fast.aft_loss(p.hidden.requires_grad_(), p.weight, **p.index_kwargs(), mode="bcl", backend=backend)
+    out = aft_fast.aft_loss(p.hidden.requires_grad_(), p.weight, **p.index_kwargs(), mode="bcl",
+                            backend=backend)
     assert float(out.align_loss) == 0.0
     torch.testing.assert_close(out.loss, out.vft_loss)
     out.loss.backward()
@@ -151,12 +153,12 @@ def test_linear_logprob(backend, dtype):
     ours = run(aft_fast.linear_logprob, p, backend=backend, chunk_size=10)
     if dtype == torch.float32:
         ref = run(linear_logprob_ref, p)
-        for a, b in zip(ours, ref):
+        for a, b in zip(ours, ref, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     else:
         gold = run(linear_logprob_ref, p.to(dtype=torch.float64))  # p holds the rounded bf16 inputs
         ref = run(linear_logprob_ref, p)
-        for a, r, g in zip(ours, ref, gold):
+        for a, r, g in zip(ours, ref, gold, strict=True):
             err, err_ref = (a.double() - g).abs().max(), (r.double() - g).abs().max()
             assert err <= 2 * err_ref + ATOL[dtype]
 
@@ -164,8 +166,8 @@ def test_linear_logprob(backend, dtype):
 def _logprob_run(fn, p: Problem, upstream, **extra):
     """(sums, grad_hidden, grad_weight, grad_bias) of sum(upstream * fn(...)) on fresh leaves."""
     h, w, b = (t.detach().clone().requires_grad_() for t in (p.hidden, p.weight, p.bias))
-    sums = fn(h, w, bias=b, rows=p.rows, targets=p.targets, segments=p.segments, num_segments=upstream.numel(),
-              **extra)
+    sums = fn(h, w, bias=b, rows=p.rows, targets=p.targets, segments=p.segments,
+              num_segments=upstream.numel(), **extra)
     (sums * upstream).sum().backward()
     return sums.detach(), h.grad, w.grad, b.grad
 
@@ -183,11 +185,13 @@ def test_linear_logprob_keep_probs(backend, keep, scale):
     upstream = torch.randn(S, generator=torch.Generator().manual_seed(0))
     if keep == "part":  # a budget that holds two chunks and a half: two keep, the others recompute
         keep = int(2.5 * chunk * (2 * V + 4))
-    ours = _logprob_run(aft_fast.linear_logprob, p, upstream, backend=backend, chunk_size=chunk, keep_probs=keep)
+    ours = _logprob_run(aft_fast.linear_logprob, p, upstream, backend=backend, chunk_size=chunk,
+                        keep_probs=keep)
     ref = _logprob_run(linear_logprob_ref, p, upstream)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-4, atol=1e-5)
-    for name, a, b in zip(["grad_hidden", "grad_weight", "grad_bias"], ours[1:], ref[1:]):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
+    for name, a, b in zip(["grad_hidden", "grad_weight", "grad_bias"], ours[1:], ref[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()),
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_keep_probs_budget_counts_whole_chunks():

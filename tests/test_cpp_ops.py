@@ -31,7 +31,8 @@ def test_opcheck():
     rows = torch.tensor([0, 2, 2, 5, 1, 0, 3])
     args = (probs, torch.randn(7), targets, h, w, rows, torch.zeros(6, 12), torch.zeros_like(w),
             torch.zeros(w.shape[0]))
-    torch.library.opcheck(torch.ops.aft_fast.chunk_grad.default, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.aft_fast.chunk_grad.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -47,7 +48,7 @@ def test_matches_torch_primitives(bias, V):
         gh, gw, gb = torch.zeros(6, h.shape[1]), torch.zeros_like(w), torch.zeros(V)
         prims.chunk_grad(buf, coef, targets, h, w, rows, gh, gw, gb)
         outs.append((logp, lse, gh, gw, gb))
-    for a, c in zip(*outs):
+    for a, c in zip(*outs, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
@@ -80,8 +81,8 @@ def test_opcheck_kept():
                           test_utils=("test_schema", "test_faketensor"))
     logp, _, keep, keep_scale = _kept(cpp_chunks, h, w, b, targets)
     rows = torch.tensor([0, 2, 2, 5, 1, 0, 3])
-    args = (keep, keep_scale, logp, torch.empty(c, V), torch.randn(c), targets, h, w, rows, torch.zeros(6, 12),
-            torch.zeros_like(w), torch.zeros(V))
+    args = (keep, keep_scale, logp, torch.empty(c, V), torch.randn(c), targets, h, w, rows,
+            torch.zeros(6, 12), torch.zeros_like(w), torch.zeros(V))
     torch.library.opcheck(torch.ops.aft_fast.chunk_grad_kept.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -108,8 +109,9 @@ def test_kept_probabilities_match_torch_primitives(bias, V):
         torch.testing.assert_close(keep.float() * keep_scale[:, None], probs, rtol=2**-10, atol=1e-7)
         grads = [torch.zeros(6, h.shape[1]), torch.zeros_like(w), torch.zeros(V)]
         prims.chunk_grad_kept(keep, keep_scale, logp, torch.empty(c, V), coef, targets, h, w, rows, *grads)
-        for name, a, r in zip(["hidden", "weight", "bias"], grads, ref):
-            torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3 * float(r.abs().max()), msg=lambda m: f"{name}: {m}")
+        for name, a, r in zip(["hidden", "weight", "bias"], grads, ref, strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3 * float(r.abs().max()),
+                                       msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_kept_target_probability_near_one_keeps_its_gradient():

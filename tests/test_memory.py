@@ -52,7 +52,8 @@ def _logprob_inputs():
 def _profile_linear_logprob(backend, keep_probs):
     hidden, weight, kw = _logprob_inputs()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        sums = aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK, keep_probs=keep_probs)
+        sums = aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK,
+                                       keep_probs=keep_probs)
         (sums * torch.linspace(-1, 1, sums.numel())).sum().backward()
     events = prof.events()
     products = sum(e.name in ("aten::mm", "aten::addmm", "aten::addmm_") for e in events)

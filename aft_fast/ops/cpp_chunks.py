@@ -15,8 +15,10 @@ except ImportError as exc:  # not built: backend "auto" falls back to torch
     BUILD_ERROR = str(exc)
 
 
-def chunk_logprob(h, weight, bias, targets, buf, lse=None, segments=None, sums=None, keep=None, keep_scale=None):
-    return torch.ops.aft_fast.chunk_logprob(h, weight, bias, targets, buf, lse, segments, sums, keep, keep_scale)
+def chunk_logprob(h, weight, bias, targets, buf, lse=None, segments=None, sums=None, keep=None,
+                  keep_scale=None):
+    return torch.ops.aft_fast.chunk_logprob(h, weight, bias, targets, buf, lse, segments, sums, keep,
+                                            keep_scale)
 
 
 def chunk_grad(probs, coef, targets, h, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:
@@ -25,8 +27,8 @@ def chunk_grad(probs, coef, targets, h, weight, rows, grad_hidden, grad_weight, 
 
 def chunk_grad_kept(keep, keep_scale, logp, buf, coef, targets, h, weight, rows, grad_hidden, grad_weight,
                     grad_bias) -> None:
-    torch.ops.aft_fast.chunk_grad_kept(keep, keep_scale, logp, buf, coef, targets, h, weight, rows, grad_hidden,
-                                       grad_weight, grad_bias)
+    torch.ops.aft_fast.chunk_grad_kept(keep, keep_scale, logp, buf, coef, targets, h, weight, rows,
+                                       grad_hidden, grad_weight, grad_bias)
 
 
 if AVAILABLE:
