@@ -6,7 +6,8 @@ triton backend under the interpreter; this file adds what they do not reach: exp
 (several vocab splits, tiles cut by V, T and H), repeated rows within one tile, every mode in bf16, the
 group-loss kernel with several pair blocks per group, the gradient filters, the chunked strategy's row
 kernels, engine and chunk plan (whole groups, live rows first, one pass unless a group exceeds the cap),
-every mode with groups packed and split, the fused strategy, a compile check for sm_90 without a GPU,
+every mode with groups packed and split, the fused strategy, linear_logprob's keep_probs (kept logits,
+all or part of the tokens, two backward passes), a compile check for sm_90 without a GPU,
 and (marked gpu) the realistic shape H=4096, V=128256, T=8192 with both strategies.
 """
 
@@ -267,6 +268,91 @@ def test_linear_logprob_api_and_auto_backend():
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
     # auto takes triton for CUDA tensors, never for CPU ones (the interpreter is for tests only)
     assert (resolve_backend("auto", DEVICE) == "triton") == (DEVICE.type == "cuda")
+
+
+def _kept_logits(sums: torch.Tensor) -> torch.Tensor | None:
+    """The logits that linear_logprob's forward kept for backward (saved after hidden, weight, bias, lse,
+    logp), or None."""
+    saved = sums.grad_fn.saved_tensors
+    assert len(saved) in (5, 6)
+    return saved[5] if len(saved) == 6 else None
+
+
+@needs_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("keep", ["all", "part"])
+def test_linear_logprob_keep_probs(monkeypatch, dtype, keep):
+    """keep_probs on triton: the first n tokens that fit the budget keep their logits (one [n, V] tensor in
+    the input dtype), so their backward recomputes nothing: the fused backward sees only the other tokens
+    whose upstream gradient is nonzero, and the kept ones go through the chunk engine in slices of 16
+    rows. Sums and gradients match the reference (bias, rows repeated by prompt sharing, a zero upstream
+    gradient on every fourth segment)."""
+    from aft_fast.losses import triton_impl
+    from aft_fast.ops import triton_chunks as tc
+
+    p = make_problem(seed=45, bias=True).to(DEVICE)
+    low = p.to(dtype=dtype)
+    T, V, S = p.rows.numel(), p.weight.shape[0], p.group.numel()
+    row_bytes = V * torch.finfo(dtype).bits // 8
+    n = T if keep == "all" else 40
+    keep_probs = True if keep == "all" else (n + 1) * row_bytes - 1
+    monkeypatch.setattr(tc, "CHUNK_BYTES", 16 * row_bytes)
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    upstream[::4] = 0.0
+    fused_tokens = []
+    fused_bwd = triton_impl.linear_logprob_bwd
+
+    def counting(hidden, weight, bias, rows, *args, **kw):
+        fused_tokens.append(rows.numel())
+        return fused_bwd(hidden, weight, bias, rows, *args, **kw)
+
+    monkeypatch.setattr(triton_impl, "linear_logprob_bwd", counting)
+
+    def run(fn, prob, **extra):
+        h, w, b = (t.detach().clone().requires_grad_() for t in (prob.hidden, prob.weight, prob.bias))
+        sums = fn(h, w, bias=b, rows=p.rows, targets=p.targets, segments=p.segments, num_segments=S, **extra)
+        if fn is aft_fast.linear_logprob:
+            logits = _kept_logits(sums)
+            assert logits.shape == (n, V) and logits.dtype == dtype
+        (sums * upstream).sum().backward()
+        return [sums.detach(), h.grad, w.grad, b.grad]
+
+    ours = run(aft_fast.linear_logprob, low, backend="triton", keep_probs=keep_probs)
+    assert fused_tokens == ([] if n == T else [int((upstream[p.segments[n:]] != 0).sum())])
+    ref = run(linear_logprob_ref, low)
+    names = ["sums", "grad_hidden", "grad_weight", "grad_bias"]
+    if dtype == torch.float32:
+        for name, a, r in zip(names, ours, ref, strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        return
+    gold = run(linear_logprob_ref, low.to(dtype=torch.float64))
+    for name, a, r, g in zip(names, ours, ref, gold, strict=True):
+        assert a.dtype == (torch.float32 if name == "sums" else dtype), name
+        _close_to_gold(a, r, g, ATOL[dtype], name)
+
+
+@needs_backend
+@pytest.mark.parametrize("keep", ["all", "part"])
+def test_linear_logprob_keep_probs_backward_twice(keep):
+    """Backward leaves the kept logits as they are: a second backward (retain_graph=True) gives the same
+    gradients, and the kept tensor is unchanged."""
+    p = make_problem(seed=46, bias=True).to(DEVICE)
+    S, V = p.group.numel(), p.weight.shape[0]
+    leaves = [t.detach().clone().requires_grad_() for t in (p.hidden, p.weight, p.bias)]
+    sums = aft_fast.linear_logprob(leaves[0], leaves[1], bias=leaves[2], rows=p.rows, targets=p.targets,
+                                   segments=p.segments, num_segments=S, backend="triton",
+                                   keep_probs=True if keep == "all" else 30 * V * 4)
+    logits = _kept_logits(sums)
+    assert logits.shape[0] == (p.rows.numel() if keep == "all" else 30)
+    before = logits.clone()
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    loss = (sums * upstream).sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    assert torch.equal(logits, before)
+    for name, a, b in zip(["grad_hidden", "grad_weight", "grad_bias"], first, second, strict=True):
+        # equal up to the order of the atomic adds on a GPU
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @needs_backend

@@ -20,8 +20,11 @@ and gradients is O(T) whatever the size of the batch (`chunk_size` is ignored). 
     group_loss_fwd       every group's loss and d(loss)/d(sum), one program per group
     linear_logprob_bwd   recomputed logits -> grad_hidden, grad_weight, grad_bias (three products)
 Tokens whose d(loss)/d(logp) is zero (groups without pairs, candidates in mode vft) are dropped
-before the backward launch, as STYLE.md asks for ignored tokens. `linear_logprob` always runs these
-fused kernels (its gradient is only known after the caller's loss: four products either way).
+before the backward launch, as STYLE.md asks for ignored tokens. `linear_logprob` runs these fused
+kernels too (its gradient is only known after the caller's loss: four products), except for the tokens
+whose logits keep_probs keeps: those take the chunked strategy's cuBLAS products and row kernels, their
+logits computed once in forward and kept in the input dtype, so backward does two products for them
+(see `logprob_forward`).
 
 The chunked strategy does three products where the fused one does four (its floor is 4/3 of the
 matmul floor), runs them in cuBLAS, and adds memory-bound passes of ~6 bytes per bf16 logit; so it is
@@ -42,11 +45,12 @@ import torch
 import triton
 
 from aft_fast.kernels import group_loss
+from aft_fast.kernels.chunk_softmax import chunk_softmax_fwd
 from aft_fast.kernels.group_loss import group_loss_fwd
 from aft_fast.kernels.linear_logprob import check_inputs, linear_logprob_fwd
 from aft_fast.kernels.linear_logprob_bwd import linear_logprob_bwd
 from aft_fast.losses import chunked
-from aft_fast.losses.chunked import AFTResult
+from aft_fast.losses.chunked import AFTResult, Grads
 from aft_fast.losses.objectives import GroupPlan, LossConfig
 from aft_fast.ops import triton_chunks
 
@@ -60,23 +64,89 @@ def _cast(grads, hidden, weight, bias) -> tuple:
     return tuple(None if g is None else g.to(like.dtype) for g, like in pairs)
 
 
+def kept_tokens(vocab: int, tokens: int, dtype: torch.dtype, keep_bytes: int) -> int:
+    """How many tokens, from the first, keep their logits within keep_bytes (V logits each in `dtype`)."""
+    return min(tokens, keep_bytes // (vocab * torch.finfo(dtype).bits // 8))
+
+
 def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0):
-    """(logp [T], lse [T]) fp32, and what backward needs beyond them (nothing here)."""
-    if keep_bytes:
-        raise ValueError("keep_probs: the triton backend does not keep probabilities yet; "
-                         "use keep_probs=False (it recomputes them)")
-    logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets)
-    return logp, lse, []
+    """(logp [T], lse [T]) fp32, and `kept`: the logits [n, V] in the input dtype of the first n tokens
+    that fit in keep_bytes (`kept_tokens`), or nothing.
+
+    The kept tokens' logits are one cuBLAS product written straight into the kept tensor, their logp and
+    lse the row kernel `chunk_softmax_fwd` on it; the other tokens take the fused `linear_logprob_fwd`,
+    which keeps no logits (`chunk_size` is unused: the fused kernels need no chunks).
+    """
+    n = kept_tokens(weight.shape[0], rows.numel(), weight.dtype, keep_bytes) if keep_bytes else 0
+    if n == 0:
+        logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets)
+        return logp, lse, []
+    check_inputs(hidden, weight, bias, rows, targets)
+    h = hidden.index_select(0, rows[:n])
+    logits = torch.empty(n, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    if bias is None:
+        torch.mm(h, weight.t(), out=logits)
+    else:
+        torch.addmm(bias, h, weight.t(), out=logits)
+    del h
+    logp, lse = chunk_softmax_fwd(logits, targets[:n])
+    if n < rows.numel():
+        rest = linear_logprob_fwd(hidden, weight, bias, rows[n:], targets[n:])
+        logp, lse = (torch.cat([kept, other]) for kept, other in zip((logp, lse), rest, strict=True))
+    return logp, lse, [logits]
 
 
-def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int, logp=None, kept=()):
-    """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where need[i] is False)."""
-    keep = coef != 0
-    if not bool(keep.all()):  # drop the tokens that cannot contribute before the launch
-        rows, targets, lse, coef = rows[keep], targets[keep], lse[keep], coef[keep]
-    grads = linear_logprob_bwd(hidden, weight, bias, rows, targets, lse, coef, need=tuple(need),
-                               grad_filter=GRAD_FILTER)
-    return _cast(grads, hidden, weight, bias)
+def _fused_grads(hidden, weight, bias, rows, targets, lse, coef, need) -> tuple:
+    """fp32 gradients of sum_t coef[t] * logp[t] by the fused `linear_logprob_bwd` (recomputed logits)."""
+    live = coef != 0
+    if not bool(live.all()):  # drop the tokens that cannot contribute before the launch
+        rows, targets, lse, coef = rows[live], targets[live], lse[live], coef[live]
+    return linear_logprob_bwd(hidden, weight, bias, rows, targets, lse, coef, need=tuple(need),
+                              grad_filter=GRAD_FILTER)
+
+
+def _kept_grads(hidden, weight, bias, rows, targets, lse, coef, logits, need, grads: Grads | None) -> Grads:
+    """Gradients of sum_t coef[t] * logp[t] over the n kept tokens (rows, targets, lse, coef [n]) from
+    their logits [n, V], added into the fp32 `grads` (None: new accumulators). The logits are left as
+    they are (a second backward reads them again): slices of a chunk of the tokens with coef != 0 are
+    gathered into the engine's buffer, which `chunk_softmax_bwd` turns into the logits' gradient for the
+    two products (`triton_chunks.Chunks.grad`, fp32 accumulation)."""
+    live = torch.nonzero(coef != 0).squeeze(1)  # host sync: the tokens that can contribute
+    m = live.numel()
+    size = triton_chunks.chunk_size(weight.shape[0], m, 0, logits.dtype)
+    engine = triton_chunks.Chunks(hidden, weight, bias, size)
+    if grads is None:
+        grads = Grads(*engine.make_grads(need))
+    else:
+        engine.weight_written = True  # grad_weight already holds the other tokens' part: add to it
+    index = torch.arange(size, device=rows.device)  # coef_index of a slice: its own coefficients
+    for a in range(0, m, size):
+        sel = live[a : a + size]
+        c = sel.numel()
+        buf = torch.index_select(logits, 0, sel, out=engine.buf[:c])
+        sel_rows = rows[sel]
+        state = (hidden.index_select(0, sel_rows), buf, lse[sel])
+        engine.grad(state, c, coef[sel], index[:c], targets[sel], sel_rows, grads)
+    engine.finish(grads)
+    return grads
+
+
+def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int, logp=None,
+                     kept=()):
+    """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where need[i] is False).
+
+    kept: `logprob_forward`'s; its n tokens take two products from their logits (`_kept_grads`), the
+    others the fused `linear_logprob_bwd`, whose fp32 gradients then accumulate the kept tokens' part
+    (one fp32 accumulator per input in either case).
+    """
+    if not kept:
+        return _cast(_fused_grads(hidden, weight, bias, rows, targets, lse, coef, need), hidden, weight, bias)
+    n = kept[0].shape[0]
+    grads = None
+    if n < rows.numel():
+        grads = Grads(*_fused_grads(hidden, weight, bias, rows[n:], targets[n:], lse[n:], coef[n:], need))
+    grads = _kept_grads(hidden, weight, bias, rows[:n], targets[:n], lse[:n], coef[:n], kept[0], need, grads)
+    return grads.cast_like(hidden, weight, bias)
 
 
 def group_csr(plan: GroupPlan, members: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
