@@ -105,7 +105,7 @@ def linear_logprob(
         chunk's softmax probabilities, so backward skips the recompute (three products, as unfused
         autograd) at 2 bytes a logit (fp16, relative error 2^-11; the targets' probabilities stay
         fp32) on the CPU backends, a logit in the input dtype on triton. An int: a budget in bytes;
-        the chunks that fit keep theirs, the rest recompute.
+        the tokens that fit keep theirs (whole chunks on the CPU backends), the rest recompute.
     """
     checks.check_projection(hidden, weight, bias)
     checks.check_options(chunk_size=chunk_size, backend=backend)

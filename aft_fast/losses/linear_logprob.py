@@ -3,8 +3,9 @@
 By default forward keeps only the per-token log-sum-exp and backward recomputes each chunk's logits
 from it: four matrix products in all, no [T, V] buffer. The caller's loss, and so each token's
 d(loss)/d(logp), is unknown until backward, so the gradient cannot be formed in the forward pass as
-`aft_loss` does. With `keep_bytes` the first chunks' probabilities are kept instead (fp16 on the CPU
-backends, 2 bytes a logit): those chunks take three products, at that memory cost.
+`aft_loss` does. With `keep_bytes` the first tokens' probabilities are kept instead (fp16 on the CPU
+backends, 2 bytes a logit; the logits in the input dtype on triton): those take three products, at
+that memory cost.
 """
 
 from __future__ import annotations
