@@ -10,7 +10,10 @@ Providers, all on the same inputs in one run:
           summed per segment, then the same loss
   liger   Liger-Kernel's chunked CPO loss (its CPU path: torch.compile per chunk): the same tokens
           scored as length-normalized chosen/rejected pairs, its own pairwise loss
-  floor   the three [T,H]x[H,V]-sized matrix products alone (logits, grad_hidden, grad_weight)
+  floor   the three [T,H]x[H,V]-sized matrix products alone (logits, grad_hidden, grad_weight), by
+          torch.mm (MKL), as eager, cce and liger run them
+  floor-onednn  the same three products by oneDNN, the library the cpp backend's chunks use where
+          built with it (build_info()["gemm"]); ratios are to the faster of the two floors
 
 Default shape: T=4096 scored tokens in groups of k=6 candidates plus a reference chain, H=1024,
 V=32000, fp32. Reports the median time of forward+backward, the peak memory each adds over the
@@ -35,7 +38,7 @@ except ImportError:
     import _common  # python benchmarks/bench_loss.py: the script's own folder is on sys.path
 
 HERE = Path(__file__).resolve()
-PROVIDERS = ["eager", "torch", "cpp", "cpp-keep", "cce", "liger", "floor"]
+PROVIDERS = ["eager", "torch", "cpp", "cpp-keep", "cce", "liger", "floor", "floor-onednn"]
 ONLY_FOR = {"cpp-keep": "linear_logprob"}  # aft_loss forms its gradient in the forward pass: nothing to keep
 OPS = ["aft_loss", "linear_logprob"]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -118,6 +121,24 @@ def build_call(op: str, provider: str, batch: dict):
             torch.mm(h, w.t(), out=buf)
             torch.mm(buf, w, out=gh)
             torch.mm(buf.t(), h, out=gw)
+
+        return call
+
+    if provider == "floor-onednn":
+        from aft_fast.ops import cpp_chunks
+
+        if not cpp_chunks.AVAILABLE or cpp_chunks.build_info().get("gemm") != "onednn":
+            raise RuntimeError("aft_fast._C is not built with oneDNN's matmul")
+        T, V, H = rows.numel(), weight.shape[0], weight.shape[1]
+        h = hidden.detach()[rows]
+        w = weight.detach()
+        buf = torch.empty(T, V, dtype=w.dtype)
+        gh, gw = torch.empty(T, H, dtype=w.dtype), torch.empty(V, H, dtype=w.dtype)
+
+        def call():
+            cpp_chunks.gemm(h, w.t(), buf)
+            cpp_chunks.gemm(buf, w, gh)
+            cpp_chunks.gemm(buf.t(), h, gw)
 
         return call
 
@@ -211,7 +232,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size V")
     parser.add_argument("--k", type=int, default=6, help="candidates per group")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per provider (median reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per provider and round")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds over the providers, each in a fresh process (median over all calls)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma list of {OPS}")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per provider")
@@ -235,16 +258,23 @@ def main() -> None:
     csv_rows, sections = [], []
     for op in ops:
         results = {}
-        for provider in providers:
-            if ONLY_FOR.get(provider, op) != op:
-                continue
-            print(f"[bench_loss] {op} / {provider} ...", file=sys.stderr, flush=True)
-            worker_args = ["--worker", "--op", op, "--provider", provider, "--repeats", str(args.repeats),
-                           *(f"--{k}={v}" for k, v in shape.items())]
-            try:
-                results[provider] = _common.run_worker(HERE, worker_args, timeout=args.timeout)
-            except Exception as exc:  # a missing optional library or a timeout: report, keep going
-                results[provider] = {"error": [f"{type(exc).__name__}: {exc}"]}
+        # Rounds interleave the providers, so that a slow spell of a shared machine hits them alike.
+        for rnd in range(args.rounds):
+            for provider in providers:
+                if ONLY_FOR.get(provider, op) != op or "error" in results.get(provider, {}):
+                    continue
+                print(f"[bench_loss] {op} / {provider} (round {rnd + 1}/{args.rounds}) ...", file=sys.stderr,
+                      flush=True)
+                worker_args = ["--worker", "--op", op, "--provider", provider,
+                               "--repeats", str(args.repeats), *(f"--{k}={v}" for k, v in shape.items())]
+                try:
+                    r = _common.run_worker(HERE, worker_args, timeout=args.timeout)
+                except Exception as exc:  # a missing optional library or a timeout: report, keep going
+                    results[provider] = {"error": [f"{type(exc).__name__}: {exc}"]}
+                    continue
+                prev = results.setdefault(provider, {"times": [], "peak_added": 0})
+                prev["times"] += r["times"]
+                prev["peak_added"] = max(prev["peak_added"], r["peak_added"])
         sections.append(_section(op, results, shape))
         for provider, r in results.items():
             if "error" in r:
@@ -253,14 +283,15 @@ def main() -> None:
             csv_rows.append(dict(op=op, provider=provider, mode="fwd_bwd", metric="time", unit="ms",
                                  x_name="T", x_value=args.tokens, config_json=config,
                                  **{k: round(v * 1e3, 2) for k, v in q.items()}, **env))
-            if provider != "floor":
+            if not provider.startswith("floor"):
                 mib = round(r["peak_added"] / 2**20, 1)
                 csv_rows.append(dict(op=op, provider=provider, mode="fwd_bwd", metric="peak_memory_added",
                                      unit="MiB", x_name="T", x_value=args.tokens, config_json=config,
                                      p50=mib, p20=mib, p80=mib, **env))
     header = (f"# bench_loss\n\n`python benchmarks/bench_loss.py {' '.join(sys.argv[1:])}`".rstrip() +
               f"\n\nT={args.tokens} scored tokens in groups of k={args.k} (+1 reference), H={args.hidden}, "
-              f"V={args.vocab}, {args.dtype}; median of {args.repeats} forward+backward calls.\n"
+              f"V={args.vocab}, {args.dtype}; median of {args.rounds} x {args.repeats} forward+backward "
+              f"calls (rounds interleave the providers).\n"
               f"{env['gpu']}, torch {env['torch']}, commit {env['git_sha']}, {env['timestamp']}.\n")
     text = header + "\n" + "\n\n".join(sections) + "\n"
     print(text)
@@ -274,7 +305,8 @@ def _section(op: str, results: dict, shape: dict) -> str:
         r = results.get(p, {})
         return None if "error" in r or "times" not in r else _common.quantiles(r["times"])["p50"]
 
-    floor, eager = median("floor"), median("eager")
+    floors = [t for t in (median("floor"), median("floor-onednn")) if t is not None]
+    floor, eager = min(floors, default=None), median("eager")
     eager_mem = results.get("eager", {}).get("peak_added")
     rows = []
     for provider, r in results.items():
@@ -282,7 +314,7 @@ def _section(op: str, results: dict, shape: dict) -> str:
             rows.append([provider, "failed: " + " ".join(r["error"])[:80], "", "", "", ""])
             continue
         t = median(provider)
-        mem = r.get("peak_added") if provider != "floor" else None
+        mem = r.get("peak_added") if not provider.startswith("floor") else None
         rows.append([
             provider,
             f"{t * 1e3:.0f}",

@@ -17,6 +17,7 @@ TORCH_LIBRARY(aft_fast, m) {
   m.def(
       "chunk_grad(Tensor(a!) probs, Tensor coef, Tensor targets, Tensor h, Tensor weight, Tensor rows, "
       "Tensor(b!)? grad_hidden, Tensor(c!)? grad_weight, Tensor(d!)? grad_bias) -> ()");
+  m.def("gemm(Tensor a, Tensor b, Tensor(a!) out, bool accumulate) -> ()");
   m.def(
       "chunk_grad_kept(Tensor keep, Tensor keep_scale, Tensor logp, Tensor(a!) buf, Tensor coef, "
       "Tensor targets, Tensor h, Tensor weight, Tensor rows, Tensor(b!)? grad_hidden, "
@@ -27,6 +28,9 @@ TORCH_LIBRARY_IMPL(aft_fast, CPU, m) {
   m.impl("chunk_logprob", &aft_fast::chunk_logprob);
   m.impl("chunk_grad", &aft_fast::chunk_grad);
   m.impl("chunk_grad_kept", &aft_fast::chunk_grad_kept);
+  m.impl("gemm", [](const at::Tensor& a, const at::Tensor& b, at::Tensor out, bool accumulate) {
+    aft_fast::gemm_into(a, b, out, accumulate);
+  });
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -35,6 +39,7 @@ PYBIND11_MODULE(_C, m) {
     pybind11::dict info;
     info["cpu_capability"] = AFT_FAST_CPU_CAPABILITY;
     info["parallel"] = at::get_parallel_info();
+    info["gemm"] = aft_fast::gemm_backend();
     return info;
   });
 }

@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
                 "keep_scale: expected a contiguous float32 [", c, "] tensor");
   }
 
-  at::mm_out(buf, h, weight.t());
+  gemm_into(h, weight.t(), buf, false);
 
   auto opts = h.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({c}, opts);
@@ -241,14 +241,16 @@ void accumulate_grads(
       TORCH_CHECK(rp[r] >= 0 && rp[r] < grad_hidden->size(0), "rows: index ", rp[r], " at position ", r,
                   " outside grad_hidden's ", grad_hidden->size(0), " rows");
     }
-    at::Tensor src = at::mm(g, weight);
+    at::Tensor src = at::empty({c, weight.size(1)}, g.options());
+    gemm_into(g, weight, src, false);
     at::Tensor dst = *grad_hidden;
     add_rows(dst, rows_c, src);
   }
   if (grad_weight) {
     TORCH_CHECK(grad_weight->scalar_type() == at::kFloat && grad_weight->sizes() == weight.sizes(),
                 "grad_weight: expected float32 of weight's shape");
-    grad_weight->addmm_(g.t(), h);
+    at::Tensor gw = *grad_weight;
+    gemm_into(g.t(), h, gw, true);
   }
   if (grad_bias) {
     TORCH_CHECK(grad_bias->scalar_type() == at::kFloat && grad_bias->numel() == V,

@@ -8,6 +8,12 @@
 
 namespace aft_fast {
 
+// out = a @ b, or out += a @ b when `accumulate` (fp32; see gemm_cpu.cpp for which library runs it).
+void gemm_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate);
+
+// "onednn" or "aten": the library gemm_into uses in this process.
+const char* gemm_backend();
+
 // Log-probs of one chunk of scored tokens, without a [T, V] buffer: buf [c, V] receives the logits
 // (h [c, H] @ weight[V, H]^T + bias) and ends holding the softmax probabilities. With `lse` given
 // (a recompute) it is used instead of being computed. When `segments` and `sums` are given, each

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
 
+import aft_fast
 from aft_fast.ops import cpp_chunks, torch_chunks
 
 pytestmark = pytest.mark.skipif(not cpp_chunks.AVAILABLE, reason="C++ extension not built")
@@ -149,3 +154,41 @@ def test_kept_ops_check_their_arguments():
     with pytest.raises(RuntimeError, match="targets: token id outside"):
         cpp_chunks.chunk_grad_kept(keep, keep_scale, logp, buf, torch.ones(c), targets + V, h, w,
                                    torch.zeros(c, dtype=torch.long), None, None, None)
+
+
+def test_gemm_matches_torch_mm_and_aten_fallback_gives_the_same_loss():
+    """The products of the chunk ops (oneDNN where built with it) equal torch.mm to fp32 rounding, and
+    AFT_FAST_CPU_GEMM=aten switches them to ATen's mm with the same results."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 50, generator=g), torch.randn(61, 50, generator=g)
+    out = torch.empty(37, 61)
+    cpp_chunks.gemm(a, b.t(), out)
+    torch.testing.assert_close(out, a @ b.t(), rtol=1e-5, atol=1e-5)
+    acc = torch.ones(61, 50)
+    cpp_chunks.gemm(out.t(), a, acc, accumulate=True)
+    torch.testing.assert_close(acc, 1 + out.t() @ a, rtol=1e-5, atol=1e-4)
+    script = (
+        "import torch, aft_fast\n"
+        "from aft_fast.ops import cpp_chunks\n"
+        "assert cpp_chunks.build_info()['gemm'] == 'aten', cpp_chunks.build_info()['gemm']\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "h = torch.randn(40, 16, generator=g, requires_grad=True)\n"
+        "w = torch.randn(50, 16, generator=g, requires_grad=True)\n"
+        "kw = dict(rows=torch.arange(40), targets=torch.randint(0, 50, (40,), generator=g),\n"
+        "          segments=torch.arange(40) // 10, num_segments=4)\n"
+        "aft_fast.linear_logprob(h, w, **kw, backend='cpp', chunk_size=16).sum().backward()\n"
+        "torch.save([h.grad, w.grad], __import__('sys').argv[1])\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/grads.pt"
+        env = {**os.environ, "AFT_FAST_CPU_GEMM": "aten"}
+        subprocess.run([sys.executable, "-c", script, path], check=True, env=env)
+        aten_grads = torch.load(path)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    kw = dict(rows=torch.arange(40), targets=torch.randint(0, 50, (40,), generator=g),
+              segments=torch.arange(40) // 10, num_segments=4)
+    aft_fast.linear_logprob(h, w, **kw, backend="cpp", chunk_size=16).sum().backward()
+    torch.testing.assert_close(h.grad, aten_grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, aten_grads[1], rtol=1e-5, atol=1e-6)

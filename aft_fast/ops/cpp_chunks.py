@@ -31,6 +31,12 @@ def chunk_grad_kept(keep, keep_scale, logp, buf, coef, targets, h, weight, rows,
                                        grad_hidden, grad_weight, grad_bias)
 
 
+def gemm(a, b, out, accumulate: bool = False) -> None:
+    """out = a @ b (out += a @ b when accumulate), fp32, by the library the chunk ops use
+    (build_info()["gemm"]: oneDNN, or ATen's mm)."""
+    torch.ops.aft_fast.gemm(a, b, out, accumulate)
+
+
 if AVAILABLE:
 
     @torch.library.register_fake("aft_fast::chunk_logprob")
@@ -39,6 +45,10 @@ if AVAILABLE:
 
     @torch.library.register_fake("aft_fast::chunk_grad")
     def _(probs, coef, targets, h, weight, rows, grad_hidden, grad_weight, grad_bias):
+        return None
+
+    @torch.library.register_fake("aft_fast::gemm")
+    def _(a, b, out, accumulate):
         return None
 
     @torch.library.register_fake("aft_fast::chunk_grad_kept")
