@@ -110,7 +110,16 @@ def build_call(op: str, provider: str, batch: dict):
             return objective(sums.float(), counts, plan, LossConfig(mode="bcl"))[0]
         return (sums.float() * upstream).sum()
 
-    if provider == "floor":
+    if provider in ("floor", "floor-onednn"):
+        if provider == "floor":
+            def mm(a, b, out):
+                torch.mm(a, b, out=out)
+        else:
+            from aft_fast.ops import cpp_chunks
+
+            if not cpp_chunks.AVAILABLE or cpp_chunks.build_info().get("gemm") != "onednn":
+                raise RuntimeError("aft_fast._C is not built with oneDNN's matmul")
+            mm = cpp_chunks.gemm
         T, V, H = rows.numel(), weight.shape[0], weight.shape[1]
         h = hidden.detach()[rows]
         w = weight.detach()
@@ -118,27 +127,9 @@ def build_call(op: str, provider: str, batch: dict):
         gh, gw = torch.empty(T, H, dtype=w.dtype), torch.empty(V, H, dtype=w.dtype)
 
         def call():
-            torch.mm(h, w.t(), out=buf)
-            torch.mm(buf, w, out=gh)
-            torch.mm(buf.t(), h, out=gw)
-
-        return call
-
-    if provider == "floor-onednn":
-        from aft_fast.ops import cpp_chunks
-
-        if not cpp_chunks.AVAILABLE or cpp_chunks.build_info().get("gemm") != "onednn":
-            raise RuntimeError("aft_fast._C is not built with oneDNN's matmul")
-        T, V, H = rows.numel(), weight.shape[0], weight.shape[1]
-        h = hidden.detach()[rows]
-        w = weight.detach()
-        buf = torch.empty(T, V, dtype=w.dtype)
-        gh, gw = torch.empty(T, H, dtype=w.dtype), torch.empty(V, H, dtype=w.dtype)
-
-        def call():
-            cpp_chunks.gemm(h, w.t(), buf)
-            cpp_chunks.gemm(buf, w, gh)
-            cpp_chunks.gemm(buf.t(), h, gw)
+            mm(h, w.t(), buf)
+            mm(buf, w, gh)
+            mm(buf.t(), h, gw)
 
         return call
 
