@@ -7,7 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import aft_fast
-from aft_fast.reference import aft_loss_ref
+from aft_fast.reference import aft_loss_ref, linear_logprob_ref
 from tests.conftest import backends_under_test
 
 T, V, H, CHUNK = 2048, 4096, 32, 64
@@ -49,12 +49,14 @@ def _logprob_inputs():
     return hidden, weight, kw
 
 
-def _profile_linear_logprob(backend, keep_probs):
+def _profile_linear_logprob(backend, keep_probs, upstream=None):
     hidden, weight, kw = _logprob_inputs()
+    if upstream is None:
+        upstream = torch.linspace(-1, 1, kw["num_segments"] + 1)[1:]  # never 0
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         sums = aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK,
                                        keep_probs=keep_probs)
-        (sums * torch.linspace(-1, 1, sums.numel())).sum().backward()
+        (sums * upstream).sum().backward()
     events = prof.events()
     # The C++ ops mark each product "aft_fast::gemm" (oneDNN's matmul is no ATen op); torch's are ATen's.
     names = ("aft_fast::gemm",) if backend == "cpp" else ("aten::mm", "aten::addmm", "aten::addmm_")
@@ -86,3 +88,23 @@ def test_keep_probs_stays_within_its_budget(backend):
                                           CHUNK, budget)
         assert len(kept) == 2 * expect
         assert sum(t.numel() * t.element_size() for t in kept) <= max(budget, 0)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("keep", [False, True])
+def test_linear_logprob_skips_tokens_without_gradient(backend, keep):
+    """Segments the caller's loss does not use (upstream 0) take no part in the backward products: the
+    first half of the chunks is skipped, and the gradients equal those of the reference."""
+    S, chunks = T // 16, T // CHUNK
+    upstream = torch.linspace(-1, 1, S)
+    upstream[: S // 2] = 0  # the first T/2 tokens
+    products, _ = _profile_linear_logprob(backend, keep, upstream)
+    assert products == (4 if not keep else 3) * chunks - (3 if not keep else 2) * (chunks // 2)
+    hidden, weight, kw = _logprob_inputs()
+    (aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK, keep_probs=keep)
+     * upstream).sum().backward()
+    ours = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (linear_logprob_ref(hidden, weight, **kw) * upstream).sum().backward()
+    torch.testing.assert_close(ours[0], hidden.grad, rtol=1e-3, atol=1e-3 * float(hidden.grad.abs().max()))
+    torch.testing.assert_close(ours[1], weight.grad, rtol=1e-3, atol=1e-3 * float(weight.grad.abs().max()))

@@ -175,17 +175,34 @@ def logprob_forward(prims, hidden, weight, bias, rows, targets, chunk_size: int,
 def logprob_backward(prims, hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int,
                      logp=None, kept=()):
     """Gradients for d(loss)/d(logp) = coef [T]: from the kept probabilities of the first chunks (two
-    products each), recomputing the other chunks' logits from `lse` (three)."""
+    products each), recomputing the other chunks' logits from `lse` (three). Tokens with coef 0 (a
+    segment the caller's loss does not use) are left out of every product; a chunk of them is skipped."""
     chunks = _Chunks(prims, hidden, weight, bias, chunk_size)
     grads = Grads.zeros(hidden, weight, bias, need)
+    live = coef != 0
+    every = bool(live.all())
     for i, start in enumerate(range(0, rows.numel(), chunk_size)):
         sl = slice(start, start + chunk_size)
+        pick = None  # positions within the chunk that take part, None: all of them
+        if not every:
+            pick = live[sl].nonzero().squeeze(1)
+            if pick.numel() == 0:
+                continue
+            if pick.numel() == live[sl].numel():
+                pick = None
+
+        c_rows, c_targets, c_coef = (_take(t[sl], pick) for t in (rows, targets, coef))
         if 2 * i < len(kept):
-            chunks.grad_kept(kept[2 * i], kept[2 * i + 1], logp[sl], coef[sl], targets[sl], rows[sl], grads)
+            keep, keep_scale = (_take(t, pick) for t in kept[2 * i : 2 * i + 2])
+            chunks.grad_kept(keep, keep_scale, _take(logp[sl], pick), c_coef, c_targets, c_rows, grads)
         else:
-            state, _ = chunks.logprob(rows[sl], targets[sl], lse=lse[sl])
-            chunks.grad_rows(state, coef[sl], targets[sl], rows[sl], grads)
+            state, _ = chunks.logprob(c_rows, c_targets, lse=_take(lse[sl], pick))
+            chunks.grad_rows(state, c_coef, c_targets, c_rows, grads)
     return grads.cast_like(hidden, weight, bias)
+
+
+def _take(t: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
+    return t if pick is None else t.index_select(0, pick)
 
 
 @dataclass
