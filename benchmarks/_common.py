@@ -114,7 +114,8 @@ def environment() -> dict:
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
-    """Merge rows into the CSV: a row with the same key (op, provider, mode, metric, x, config, gpu) is replaced."""
+    """Merge rows into the CSV: a row with the same key (op, provider, mode, metric, x, config, gpu) is
+    replaced."""
     key = ("op", "provider", "mode", "metric", "x_name", "x_value", "config_json", "gpu")
     existing = []
     if path.exists():

@@ -36,7 +36,8 @@ def _run(p, chunk_size):
 
 
 def test_pack_groups_keeps_groups_whole():
-    assert chunked._pack_groups([3, 4, 2, 9, 1], 8) == [(0, 2, 0, 7), (2, 3, 7, 9), (3, 4, 9, 18), (4, 5, 18, 19)]
+    expected = [(0, 2, 0, 7), (2, 3, 7, 9), (3, 4, 9, 18), (4, 5, 18, 19)]
+    assert chunked._pack_groups([3, 4, 2, 9, 1], 8) == expected
 
 
 def test_default_chunk_grows_to_hold_the_largest_group():
@@ -48,7 +49,7 @@ def test_default_chunk_grows_to_hold_the_largest_group():
     small, small_calls = _run(p, 32)
     assert small_calls["logprob"] > small_calls["grad"]  # groups split: a recomputing second pass
     torch.testing.assert_close(result.loss, small.loss)
-    for a, b in zip(result.grads, small.grads):
+    for a, b in zip(result.grads, small.grads, strict=True):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 

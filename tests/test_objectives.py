@@ -57,7 +57,7 @@ def test_pairs_of_binary_labels_are_positives_times_negatives():
     label = torch.tensor([1, 1, 0, 0, 1, 0, 1])
     is_ref = torch.tensor([True, False, False, False, False, False, False])
     plan = build_plan(group, label, is_ref, torch.ones(7))
-    pairs = set(zip(plan.pair_i.tolist(), plan.pair_j.tolist()))
+    pairs = set(zip(plan.pair_i.tolist(), plan.pair_j.tolist(), strict=True))
     assert pairs == {(1, 2), (1, 3), (4, 5), (6, 5)}
     assert plan.num_valid == 2 and plan.ref_tokens == 1
     assert set(plan.top_seg.tolist()) == {1, 4, 6}
