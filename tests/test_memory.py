@@ -108,3 +108,27 @@ def test_linear_logprob_skips_tokens_without_gradient(backend, keep):
     (linear_logprob_ref(hidden, weight, **kw) * upstream).sum().backward()
     torch.testing.assert_close(ours[0], hidden.grad, rtol=1e-3, atol=1e-3 * float(hidden.grad.abs().max()))
     torch.testing.assert_close(ours[1], weight.grad, rtol=1e-3, atol=1e-3 * float(weight.grad.abs().max()))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_keep_probs_keeps_nothing_without_a_backward(backend, monkeypatch):
+    """Under no_grad (scoring, sampling) keep_probs has no backward to serve: nothing is kept."""
+    from aft_fast.losses import backends, chunked
+
+    budgets = []
+    forward = chunked.logprob_forward
+
+    def spy(*args, **kw):
+        budgets.append(args[-1] if len(args) > 7 else kw.get("keep_bytes", 0))
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(chunked, "logprob_forward", spy)
+    backends.get.cache_clear()  # its partials bind chunked.logprob_forward when built
+    try:
+        hidden, weight, kw = _logprob_inputs()
+        with torch.no_grad():
+            aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK, keep_probs=True)
+        aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK, keep_probs=True)
+    finally:
+        backends.get.cache_clear()
+    assert budgets[0] == 0 and budgets[1] > 0

@@ -110,6 +110,9 @@ def linear_logprob(
     checks.check_projection(hidden, weight, bias)
     checks.check_options(chunk_size=chunk_size, backend=backend)
     keep_bytes = checks.check_keep_probs(keep_probs)
+    leaves = (hidden, weight, bias)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)):
+        keep_bytes = 0  # no backward will read them
     checks.check_tokens(hidden, weight, rows, targets, segments, num_segments)
     inputs = LogProbInputs(
         rows=rows, targets=targets, segments=segments, num_segments=num_segments,
