@@ -133,24 +133,18 @@ def build_call(op: str, provider: str, batch: dict):
 
         return call
 
-    if provider in ("torch", "cpp"):
+    if provider in ("torch", "cpp", "cpp-keep"):
+        backend, keep = provider.removesuffix("-keep"), provider.endswith("-keep")
         if op == "aft_loss":
             def call():
                 clear()
-                out = aft_fast.aft_loss(hidden, weight, **index, **groups, mode="bcl", backend=provider)
+                out = aft_fast.aft_loss(hidden, weight, **index, **groups, mode="bcl", backend=backend)
                 out.loss.backward()
         else:
             def call():
                 clear()
-                finish(aft_fast.linear_logprob(hidden, weight, **index, num_segments=S,
-                                               backend=provider)).backward()
-        return call
-
-    if provider == "cpp-keep":
-        def call():
-            clear()
-            finish(aft_fast.linear_logprob(hidden, weight, **index, num_segments=S, backend="cpp",
-                                           keep_probs=True)).backward()
+                finish(aft_fast.linear_logprob(hidden, weight, **index, num_segments=S, backend=backend,
+                                               keep_probs=keep)).backward()
         return call
 
     if provider == "eager":

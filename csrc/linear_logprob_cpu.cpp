@@ -118,6 +118,15 @@ void add_rows(at::Tensor& dst, const at::Tensor& rows, const at::Tensor& src) {
   });
 }
 
+// Kept probabilities: keep [c, V] fp16 and keep_scale [c] fp32, both contiguous.
+void check_keep(const at::Tensor& keep, const at::Tensor& keep_scale, int64_t c, int64_t V) {
+  TORCH_CHECK(keep.scalar_type() == at::kHalf && keep.is_contiguous() && keep.dim() == 2 &&
+                  keep.size(0) == c && keep.size(1) == V,
+              "keep: expected a contiguous float16 [", c, ", ", V, "] tensor");
+  TORCH_CHECK(keep_scale.scalar_type() == at::kFloat && keep_scale.is_contiguous() && keep_scale.numel() == c,
+              "keep_scale: expected a contiguous float32 [", c, "] tensor");
+}
+
 // Kept probabilities are stored as fp16(exp(z - max) * kKeepMult); see chunk_logprob.
 constexpr float kKeepMult = 32768.f;
 
@@ -150,12 +159,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
   TORCH_CHECK(keep.has_value() == keep_scale.has_value(), "keep and keep_scale: give both or neither");
   if (keep) {
     TORCH_CHECK(!lse, "keep: a recompute (lse given) has nothing to keep");
-    TORCH_CHECK(keep->scalar_type() == at::kHalf && keep->is_contiguous() && keep->dim() == 2 &&
-                    keep->size(0) == c && keep->size(1) == V,
-                "keep: expected a contiguous float16 [", c, ", ", V, "] tensor");
-    TORCH_CHECK(keep_scale->scalar_type() == at::kFloat && keep_scale->is_contiguous() &&
-                    keep_scale->numel() == c,
-                "keep_scale: expected a contiguous float32 [", c, "] tensor");
+    check_keep(*keep, *keep_scale, c, V);
   }
 
   gemm_into(h, weight.t(), buf, false);
@@ -308,16 +312,12 @@ void chunk_grad_kept(
     const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_bias) {
   check_grad_inputs(buf, coef, targets, h, weight, rows);
   const int64_t c = buf.size(0), V = buf.size(1);
-  TORCH_CHECK(keep.scalar_type() == at::kHalf && keep.is_contiguous() && keep.dim() == 2 &&
-                  keep.size(0) == c && keep.size(1) == V,
-              "keep: expected a contiguous float16 [", c, ", ", V, "] tensor");
-  TORCH_CHECK(keep_scale.scalar_type() == at::kFloat && keep_scale.numel() == c,
-              "keep_scale: expected float32 [", c, "]");
+  check_keep(keep, keep_scale, c, V);
   TORCH_CHECK(logp.scalar_type() == at::kFloat && logp.numel() == c, "logp: expected float32 [", c, "]");
-  at::Tensor cf = coef.contiguous(), ks = keep_scale.contiguous(), lp = logp.contiguous();
+  at::Tensor cf = coef.contiguous(), lp = logp.contiguous();
   at::Tensor tgt = targets.contiguous();
   const float* cp = cf.data_ptr<float>();
-  const float* ksp = ks.data_ptr<float>();
+  const float* ksp = keep_scale.data_ptr<float>();
   const float* lpp = lp.data_ptr<float>();
   const int64_t* tp = tgt.data_ptr<int64_t>();
   const at::Half* kp = keep.data_ptr<at::Half>();

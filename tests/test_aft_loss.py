@@ -136,33 +136,6 @@ def test_frozen_weight_and_no_grad(backend):
     assert not out.loss.requires_grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_logprob(backend, dtype):
-    p = make_problem(seed=9, bias=True, dtype=dtype)
-    S = p.group.numel()
-    kw = dict(rows=p.rows, targets=p.targets, segments=p.segments, num_segments=S)
-    upstream = torch.randn(S, generator=torch.Generator().manual_seed(0))
-
-    def run(fn, q, **extra):
-        h, w, b = (t.detach().clone().requires_grad_() for t in (q.hidden, q.weight, q.bias))
-        sums = fn(h, w, bias=b, **kw, **extra)
-        (sums * upstream).sum().backward()
-        return sums.detach(), h.grad, w.grad, b.grad
-
-    ours = run(aft_fast.linear_logprob, p, backend=backend, chunk_size=10)
-    if dtype == torch.float32:
-        ref = run(linear_logprob_ref, p)
-        for a, b in zip(ours, ref, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    else:
-        gold = run(linear_logprob_ref, p.to(dtype=torch.float64))  # p holds the rounded bf16 inputs
-        ref = run(linear_logprob_ref, p)
-        for a, r, g in zip(ours, ref, gold, strict=True):
-            err, err_ref = (a.double() - g).abs().max(), (r.double() - g).abs().max()
-            assert err <= 2 * err_ref + ATOL[dtype]
-
-
 def _logprob_run(fn, p: Problem, upstream, **extra):
     """(sums, grad_hidden, grad_weight, grad_bias) of sum(upstream * fn(...)) on fresh leaves."""
     h, w, b = (t.detach().clone().requires_grad_() for t in (p.hidden, p.weight, p.bias))
@@ -170,6 +143,24 @@ def _logprob_run(fn, p: Problem, upstream, **extra):
               num_segments=upstream.numel(), **extra)
     (sums * upstream).sum().backward()
     return sums.detach(), h.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_logprob(backend, dtype):
+    p = make_problem(seed=9, bias=True, dtype=dtype)
+    upstream = torch.randn(p.group.numel(), generator=torch.Generator().manual_seed(0))
+    ours = _logprob_run(aft_fast.linear_logprob, p, upstream, backend=backend, chunk_size=10)
+    if dtype == torch.float32:
+        ref = _logprob_run(linear_logprob_ref, p, upstream)
+        for a, b in zip(ours, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    else:
+        gold = _logprob_run(linear_logprob_ref, p.to(dtype=torch.float64), upstream)  # p: rounded bf16 inputs
+        ref = _logprob_run(linear_logprob_ref, p, upstream)
+        for a, r, g in zip(ours, ref, gold, strict=True):
+            err, err_ref = (a.double() - g).abs().max(), (r.double() - g).abs().max()
+            assert err <= 2 * err_ref + ATOL[dtype]
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # triton: test_triton_backend.py

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 import aft_fast
 from aft_fast.ops import cpp_chunks, torch_chunks
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not cpp_chunks.AVAILABLE, reason="C++ extension not built")
 
 
@@ -156,6 +158,17 @@ def test_kept_ops_check_their_arguments():
                                    torch.zeros(c, dtype=torch.long), None, None, None)
 
 
+def logprob_grads() -> list[torch.Tensor]:
+    """[grad_hidden, grad_weight] of a small cpp linear_logprob (also run in a subprocess below)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    kw = dict(rows=torch.arange(40), targets=torch.randint(0, 50, (40,), generator=g),
+              segments=torch.arange(40) // 10, num_segments=4)
+    aft_fast.linear_logprob(h, w, **kw, backend="cpp", chunk_size=16).sum().backward()
+    return [h.grad, w.grad]
+
+
 def test_gemm_matches_torch_mm_and_aten_fallback_gives_the_same_loss():
     """The products of the chunk ops (oneDNN where built with it) equal torch.mm to fp32 rounding, and
     AFT_FAST_CPU_GEMM=aten switches them to ATen's mm with the same results."""
@@ -168,27 +181,17 @@ def test_gemm_matches_torch_mm_and_aten_fallback_gives_the_same_loss():
     cpp_chunks.gemm(out.t(), a, acc, accumulate=True)
     torch.testing.assert_close(acc, 1 + out.t() @ a, rtol=1e-5, atol=1e-4)
     script = (
-        "import torch, aft_fast\n"
+        "import sys, torch\n"
         "from aft_fast.ops import cpp_chunks\n"
+        "from tests.test_cpp_ops import logprob_grads\n"
         "assert cpp_chunks.build_info()['gemm'] == 'aten', cpp_chunks.build_info()['gemm']\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "h = torch.randn(40, 16, generator=g, requires_grad=True)\n"
-        "w = torch.randn(50, 16, generator=g, requires_grad=True)\n"
-        "kw = dict(rows=torch.arange(40), targets=torch.randint(0, 50, (40,), generator=g),\n"
-        "          segments=torch.arange(40) // 10, num_segments=4)\n"
-        "aft_fast.linear_logprob(h, w, **kw, backend='cpp', chunk_size=16).sum().backward()\n"
-        "torch.save([h.grad, w.grad], __import__('sys').argv[1])\n"
+        "torch.save(logprob_grads(), sys.argv[1])\n"
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/grads.pt"
         env = {**os.environ, "AFT_FAST_CPU_GEMM": "aten"}
-        subprocess.run([sys.executable, "-c", script, path], check=True, env=env)
+        subprocess.run([sys.executable, "-c", script, path], check=True, env=env, cwd=ROOT)
         aten_grads = torch.load(path)
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(40, 16, generator=g, requires_grad=True)
-    w = torch.randn(50, 16, generator=g, requires_grad=True)
-    kw = dict(rows=torch.arange(40), targets=torch.randint(0, 50, (40,), generator=g),
-              segments=torch.arange(40) // 10, num_segments=4)
-    aft_fast.linear_logprob(h, w, **kw, backend="cpp", chunk_size=16).sum().backward()
-    torch.testing.assert_close(h.grad, aten_grads[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w.grad, aten_grads[1], rtol=1e-5, atol=1e-6)
+    grads = logprob_grads()
+    torch.testing.assert_close(grads[0], aten_grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], aten_grads[1], rtol=1e-5, atol=1e-6)

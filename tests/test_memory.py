@@ -13,14 +13,20 @@ from tests.conftest import backends_under_test
 T, V, H, CHUNK = 2048, 4096, 32, 64
 
 
-def _largest_allocation(fn) -> int:
+def _logprob_inputs():
+    """hidden [T + 1, H], weight [V, H] (leaves) and the token keywords: segments of 16 tokens."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(T + 1, H, generator=g, requires_grad=True)
     weight = torch.randn(V, H, generator=g, requires_grad=True)
-    S = T // 16
     kw = dict(rows=torch.arange(T), targets=torch.randint(0, V, (T,), generator=g),
-              segments=torch.arange(T) // 16, group=torch.arange(S) // 4, label=torch.arange(S) % 2,
-              is_reference=torch.arange(S) % 4 == 0)
+              segments=torch.arange(T) // 16, num_segments=T // 16)
+    return hidden, weight, kw
+
+
+def _largest_allocation(fn) -> int:
+    hidden, weight, kw = _logprob_inputs()
+    S = kw.pop("num_segments")
+    kw.update(group=torch.arange(S) // 4, label=torch.arange(S) % 2, is_reference=torch.arange(S) % 4 == 0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn(hidden, weight, **kw).loss.backward()
     return max(e.cpu_memory_usage for e in prof.events())
@@ -38,15 +44,6 @@ def test_fused_backends_stay_within_a_chunk(backend):
 
 
 CPU_FUSED = [b for b in backends_under_test() if b != "triton"]
-
-
-def _logprob_inputs():
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(T + 1, H, generator=g, requires_grad=True)
-    weight = torch.randn(V, H, generator=g, requires_grad=True)
-    kw = dict(rows=torch.arange(T), targets=torch.randint(0, V, (T,), generator=g),
-              segments=torch.arange(T) // 16, num_segments=T // 16)
-    return hidden, weight, kw
 
 
 def _profile_linear_logprob(backend, keep_probs, upstream=None):

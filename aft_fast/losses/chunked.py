@@ -94,10 +94,14 @@ class _Chunks:
         g = Grads.zeros(self.hidden, self.weight, self.bias, need)
         return g.hidden, g.weight, g.bias
 
+    def rows_of(self, rows):
+        """hidden[rows] in fp32: the chunk's [c, H] operand."""
+        return self.hidden.index_select(0, rows).float()
+
     def logprob(self, rows, targets, segments=None, sums=None, lse=None):
         """(state, lse) of one chunk, state = (h, probs, logp), probs a view of the shared buffer; with
         `sums`, logp is added into sums[segments]. With `lse` (a recompute) it is not recomputed."""
-        h = self.hidden.index_select(0, rows).float()
+        h = self.rows_of(rows)
         probs = self.buf[: rows.numel()]
         logp, lse = self.prims.chunk_logprob(h, self.weight, self.bias, targets, probs, lse)
         if sums is not None:
@@ -107,7 +111,7 @@ class _Chunks:
     def logprob_keep(self, rows, targets):
         """(logp, lse, keep, keep_scale) of one chunk, its probabilities kept in a new fp16 [c, V]
         tensor (p = keep * keep_scale) for `grad_kept`."""
-        h = self.hidden.index_select(0, rows).float()
+        h = self.rows_of(rows)
         c, V = rows.numel(), self.weight.shape[0]
         keep = torch.empty(c, V, dtype=torch.float16, device=self.weight.device)
         keep_scale = torch.empty(c, dtype=torch.float32, device=self.weight.device)
@@ -117,7 +121,7 @@ class _Chunks:
 
     def grad_kept(self, keep, keep_scale, logp, coef, targets, rows, grads: Grads) -> None:
         """Gradients of one chunk from its kept probabilities: the two gradient products, no recompute."""
-        h = self.hidden.index_select(0, rows).float()
+        h = self.rows_of(rows)
         self.prims.chunk_grad_kept(keep, keep_scale, logp, self.buf[: rows.numel()], coef, targets, h,
                                    self.weight, rows, grads.hidden, grads.weight, grads.bias)
 
