@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from aft_fast.data.batch import Batch
 from aft_fast.data.candidates import Candidate, CandidateGroup
-from aft_fast.data.collate import Batch, collate, encode_example, encode_group, encode_prompt
+from aft_fast.data.collate import collate, encode_example, encode_group, encode_prompt
 from aft_fast.data.formats import Example, prompt_text
 from aft_fast.data.synthetic import generate_problems
 from aft_fast.train.model import segment_logprobs

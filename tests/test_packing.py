@@ -18,7 +18,8 @@ from transformers import (
 )
 
 import aft_fast
-from aft_fast.data.collate import Batch, Encoded, collate
+from aft_fast.data.batch import Batch, Encoded
+from aft_fast.data.collate import collate
 from aft_fast.train import attention
 from aft_fast.train.config import InputError, TrainConfig
 from aft_fast.train.model import forward_hidden

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aft_fast.data.collate import Batch, Member, Segments
+from aft_fast.data.batch import Batch, Member, Segments
 
 
 @dataclass

@@ -18,7 +18,8 @@ import deepspeed
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from aft_fast.data.collate import Batch, Encoded, collate
+from aft_fast.data.batch import Batch, Encoded
+from aft_fast.data.collate import collate
 from aft_fast.train import attention, checkpoint
 from aft_fast.train.config import InputError, TrainConfig
 from aft_fast.train.engine import (
