@@ -47,6 +47,9 @@ class TrainConfig:
     resume: bool = _opt(
         False, "skip finished stages and resume the interrupted one from its latest checkpoint"
     )
+    overwrite: bool = _opt(
+        False, "replace the finished stages already in run_dir (without it, or --resume, a run over them stops)"
+    )
     # --- data ------------------------------------------------------------------------------------------
     train_data: str = _opt("", "training file (GSM8K / AQuA-RAT / ECQA); empty: the embedded synthetic task")
     test_data: str = _opt("", "test file for eval; empty: the embedded synthetic task's test split")
@@ -164,7 +167,11 @@ def _choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:
 def check(cfg: TrainConfig) -> None:
     """Value checks that need no files (files are checked when a stage opens them)."""
     _choice("stage", cfg.stage, STAGES)
-    _choice("mode", cfg.mode, [m for m in MODES if m != "vft"])
+    if cfg.resume and cfg.overwrite:
+        raise InputError("resume and overwrite: give one of them (continue the run, or replace it)")
+    _choice("mode", cfg.mode, TRAIN_MODES)
+    if cfg.beta_from_spread < 0:
+        raise InputError(f"beta_from_spread: must be >= 0 (0: off), got {cfg.beta_from_spread}")
     _choice("loss_backend", cfg.loss_backend, BACKENDS)
     _choice("layout", cfg.layout, LAYOUTS)
     if cfg.max_tokens_per_row != 0 and cfg.max_tokens_per_row < cfg.max_length:

@@ -37,6 +37,7 @@ from aft_fast.train.model import (
 )
 from aft_fast.train.sample import group_stats, run_sample
 from aft_fast.train.vft import run_vft
+from aft_fast.train.run_guard import guard
 
 ALL = ("vft", "eval_vft", "sample", "aft", "eval_aft")
 
@@ -298,6 +299,8 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
             )
         elif stage == "aft":
             groups = inputs.groups if inputs.groups is not None else read_candidates(cfg.candidates_path)
+    # One live run per folder; finished stages are replaced only with --overwrite (skipped with --resume).
+    lock = guard(cfg, tuple(s for s in ("vft", "sample", "aft") if cfg.stage in ("all", s)), dist.is_main)
             aft_dir = cfg.stage_model_dir("aft")
             if cfg.resume and _finished(aft_dir, cfg.aft_steps):
                 summary.add("aft", 0.0, f"done earlier ({aft_dir})")
@@ -327,3 +330,5 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
             json.dumps({"rows": [r.__dict__ for r in summary.rows], "values": summary.values}, indent=1)
         )
     return summary
+    if lock is not None:
+        lock.release()
