@@ -3,7 +3,7 @@
 Providers, all on the same groups in one run:
   naive   padded layout, the model's full logits through lm_head at every position, log_softmax, then the
           unfused loss of aft_fast.reference (what a Hugging Face training loop does)
-  padded  one right-padded row per member, fused loss (aft_fast.train.model.AFTModel)
+  padded  one right-padded row per member, fused loss (aft_fast.models.forward.AFTModel)
   packed  one [prompt | member] sequence per member, rows packed without padding, fused loss
   shared  one [prompt | member_1 | ... | member_k] sequence per group (the prompt encoded once), fused loss
 
@@ -92,8 +92,8 @@ def build_step(provider: str, args):
 
     from aft_fast.data.collate import collate
     from aft_fast.reference import group_loss_ref
-    from aft_fast.train import attention
-    from aft_fast.train.model import AFTModel
+    from aft_fast.models import attention
+    from aft_fast.models.forward import AFTModel
 
     device = torch.device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])

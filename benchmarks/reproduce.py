@@ -156,7 +156,7 @@ def prepare_base(plan: Plan, work: Path, dist, progress: bool, splits: tuple[str
     from aft_fast.data.candidates import read_candidates, write_candidates
     from aft_fast.data.formats import read_examples
     from aft_fast.eval.evaluate import evaluate
-    from aft_fast.train.model import load_replica, load_tokenizer
+    from aft_fast.models.loading import load_replica, load_tokenizer
     from aft_fast.train.pipeline import run
 
     base_dir = work / "base"
@@ -299,7 +299,7 @@ def run_arm(
 
 def evaluate_model(plan: Plan, base: dict[str, Any], model_dir: Path, split: str, seed: int, progress: bool):
     from aft_fast.eval.evaluate import evaluate, split_scores
-    from aft_fast.train.model import load_replica
+    from aft_fast.models.loading import load_replica
 
     cfg = base["cfg"]
     model = load_replica(model_dir, torch.device("cpu"), torch.float32)  # one CPU process, fp32

@@ -32,7 +32,7 @@ def make_assets(root: Path, n_groups: int = 24) -> dict[str, Path]:
     """A trained tokenizer, a freshly initialised default tiny Llama folder, and a candidate file whose
     groups mix right and wrong chains (the reference, and copies with a changed final answer)."""
     from aft_fast.data.tokenizer import train_tokenizer
-    from aft_fast.train.model import create_default_model
+    from aft_fast.models.loading import create_default_model
 
     problems = generate_problems(n_groups, seed=7)
     tok = train_tokenizer(

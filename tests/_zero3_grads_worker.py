@@ -10,9 +10,10 @@ import torch
 
 from aft_fast.data.candidates import read_candidates
 from aft_fast.data.collate import collate, encode_group
-from aft_fast.train import attention
+from aft_fast.models import attention
+from aft_fast.models.forward import AFTModel
+from aft_fast.models.loading import load_partitioned, load_tokenizer
 from aft_fast.train.engine import build_engine, ds_config, init_distributed, shutdown_distributed
-from aft_fast.train.model import AFTModel, load_partitioned, load_tokenizer
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 model_dir, candidates, out_path, mode, micro, layout = *args[:4], int(args[4]), args[5]

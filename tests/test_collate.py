@@ -13,7 +13,7 @@ from aft_fast.data.candidates import Candidate, CandidateGroup
 from aft_fast.data.collate import collate, encode_example, encode_group, encode_prompt
 from aft_fast.data.formats import Example, prompt_text
 from aft_fast.data.synthetic import generate_problems
-from aft_fast.train.model import segment_logprobs
+from aft_fast.models.forward import segment_logprobs
 
 
 @pytest.fixture(scope="module")

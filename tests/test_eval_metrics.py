@@ -152,7 +152,7 @@ def _plain_logprob(model, tokenizer, question: str, chain: str) -> tuple[float, 
 
 def test_score_groups_matches_a_plain_forward(assets):
     from aft_fast.eval.evaluate import score_groups
-    from aft_fast.train.model import load_replica, load_tokenizer
+    from aft_fast.models.loading import load_replica, load_tokenizer
 
     tok = load_tokenizer(assets["tokenizer"])
     model = load_replica(assets["model"], torch.device("cpu"), torch.float32)
@@ -171,7 +171,7 @@ def test_score_groups_matches_a_plain_forward(assets):
 
 def test_evaluate_records_agree_with_the_summary(assets):
     from aft_fast.eval.evaluate import evaluate
-    from aft_fast.train.model import load_replica, load_tokenizer
+    from aft_fast.models.loading import load_replica, load_tokenizer
 
     tok = load_tokenizer(assets["tokenizer"])
     model = load_replica(assets["model"], torch.device("cpu"), torch.float32)

@@ -20,9 +20,9 @@ from transformers import (
 import aft_fast
 from aft_fast.data.batch import Batch, Encoded
 from aft_fast.data.collate import collate
-from aft_fast.train import attention
+from aft_fast.models import attention
+from aft_fast.models.forward import forward_hidden
 from aft_fast.train.config import InputError, TrainConfig
-from aft_fast.train.model import forward_hidden
 
 V = 61
 PAD = 0

@@ -17,9 +17,10 @@ from transformers import AutoModelForCausalLM
 
 from aft_fast.data.candidates import read_candidates
 from aft_fast.data.collate import collate, encode_group
+from aft_fast.models.forward import forward_hidden
+from aft_fast.models.loading import TRAINER_STATE, load_tokenizer
 from aft_fast.reference import aft_loss_ref
 from aft_fast.train.checkpoint import latest_tag
-from aft_fast.train.model import TRAINER_STATE, forward_hidden, load_tokenizer
 from tests._train_support import (
     assert_weights_close,
     check,

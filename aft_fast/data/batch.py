@@ -39,7 +39,7 @@ class Batch:
     each token belongs to (unique in the batch, -1 for padding); member_ids [B, L] int64, "shared" only: 0
     for the prompt, m for the m-th member of its sequence. Token i attends to token j of its row iff they
     are in one sequence, j <= i, and j is in the prompt or in i's member. The mask itself is built at
-    forward time in the form the attention kernel takes (aft_fast/train/attention.py)."""
+    forward time in the form the attention kernel takes (aft_fast/models/attention.py)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor

@@ -11,7 +11,7 @@ The prompt's last position predicts the first token of every member, so in the s
 row appears k times in `rows` (the fused operator gathers it per scored token).
 
 Who attends to whom is stored per token (Batch.sequence_ids, Batch.member_ids), not as a mask: the
-attention kernel decides the mask's form (aft_fast/train/attention.py).
+attention kernel decides the mask's form (aft_fast/models/attention.py).
 
 Cutting: members are cut to max_length exactly as in the padded layout (each [prompt | member] on its
 own), so every member sees the same tokens at the same positions in all three layouts. Members of a group

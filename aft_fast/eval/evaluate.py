@@ -32,7 +32,7 @@ from aft_fast.data.collate import collate, encode_group
 from aft_fast.data.formats import Example
 from aft_fast.eval import metrics
 from aft_fast.eval.generation import generate_chains, map_sharded
-from aft_fast.train.model import segment_logprobs
+from aft_fast.models.forward import segment_logprobs
 
 
 @dataclass

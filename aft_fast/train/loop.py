@@ -20,7 +20,10 @@ from transformers import PreTrainedTokenizerBase
 
 from aft_fast.data.batch import Batch, Encoded
 from aft_fast.data.collate import collate
-from aft_fast.train import attention, checkpoint
+from aft_fast.models import attention
+from aft_fast.models.forward import AFTModel
+from aft_fast.models.loading import load_partitioned, save_hf_folder
+from aft_fast.train import checkpoint
 from aft_fast.train.config import InputError, TrainConfig
 from aft_fast.train.engine import (
     Dist,
@@ -31,7 +34,6 @@ from aft_fast.train.engine import (
     model_dtype,
 )
 from aft_fast.train.logging import MetricsLogger, print0, progress
-from aft_fast.train.model import AFTModel, load_partitioned, save_hf_folder
 
 KILL_ENV = "AFT_FAST_KILL_AT"  # "<stage>:<step>": tests use it to SIGKILL every rank after that step
 

@@ -27,7 +27,7 @@ from aft_fast.train.aft import run_aft
 from aft_fast.train.config import InputError, TrainConfig, to_yaml
 from aft_fast.train.engine import Dist, model_dtype, resolve_ds_config_path
 from aft_fast.train.logging import MetricsLogger, print0
-from aft_fast.train.model import (
+from aft_fast.models.loading import (
     TRAINER_STATE,
     check_model_dir,
     check_vocab,

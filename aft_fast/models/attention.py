@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
-from aft_fast.data.collate import LAYOUTS, Batch
+from aft_fast.data.batch import LAYOUTS, Batch
 
 DENSE_KERNELS = ("sdpa", "eager")
 FLASH_KERNELS = ("flash_attention_2", "flash_attention_3")
@@ -197,7 +197,7 @@ def decoder_inputs(config: PretrainedConfig, batch: Batch, dtype: torch.dtype) -
         if batch.layout == "shared":
             raise ValueError(
                 "layout shared: flash-attn varlen cannot express prompt sharing; call "
-                "aft_fast.train.attention.prepare(lm, 'shared', device) to pick a kernel that can"
+                "aft_fast.models.attention.prepare(lm, 'shared', device) to pick a kernel that can"
             )
         return dict(
             input_ids=batch.input_ids.reshape(1, -1),
