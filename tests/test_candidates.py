@@ -12,6 +12,7 @@ from aft_fast.data.candidates import (
     CandidateGroup,
     label_candidates,
     read_candidates,
+    relabel,
     write_candidates,
 )
 from aft_fast.data.formats import DataError, read_examples
@@ -164,3 +165,110 @@ def test_labels_need_a_label():
     g = CandidateGroup("g", "q", "1", "number", None, [Candidate("x", rank=3), Candidate("y", correct=True)])
     with pytest.raises(ValueError, match="mixes"):
         g.labels()
+
+
+# An embedded-task question (start 2; +12, +4, +3; answer 21) and chains the two label rules disagree on.
+SYN_Q = (
+    "Sam has 2 cards. He buys 12 more. He finds 4 more. He finds 3 more. How many cards does Sam have now?"
+)
+SYN_RIGHT = (
+    "Sam has 2 cards.\nHe buys 12 more, so he has 2 + 12 = 14.\nHe finds 4 more, so he has 14 + 4 = 18.\n"
+    "He finds 3 more, so he has 18 + 3 = 21.\n#### 21"
+)
+SYN_CANCEL = SYN_RIGHT.replace("2 + 12 = 14", "2 + 12 = 13").replace("14 + 4 = 18", "13 + 4 = 18")
+SYN_NET = "Sam has 2 cards.\nHis cards change by 12 + 4 + 3 = 19.\nSo he has 2 + 19 = 21.\n#### 21"
+SYN_WRONG = SYN_RIGHT.replace("18 + 3 = 21.\n#### 21", "18 + 3 = 22.\n#### 22")
+
+
+def _syn_group() -> CandidateGroup:
+    return CandidateGroup("s0", SYN_Q, "21", "number", SYN_RIGHT, [])
+
+
+def test_label_rules_on_the_embedded_task():
+    texts = [SYN_RIGHT, SYN_CANCEL, SYN_NET, SYN_WRONG, "no idea"]
+    by_answer = label_candidates(_syn_group(), texts)
+    verified = label_candidates(_syn_group(), texts, "verified")
+    assert by_answer.labels() == [1, 1, 1, 0, 0]
+    assert verified.labels() == [1, 0, 1, 0, 0]
+    for g in (by_answer, verified):
+        assert [c.answer_correct for c in g.candidates] == [True, True, True, False, False]
+        assert [c.chain_ok for c in g.candidates] == [True, False, True, False, False]
+        assert [c.form for c in g.candidates] == [
+            "running_total",
+            "running_total",
+            "net_change",
+            "running_total",
+            None,
+        ]
+    # Another task: no chain check; "verified" refuses, naming the config field.
+    (ex,) = [e for e in read_examples(DATA / "gsm8k_sample.jsonl") if e.gold == "72"]
+    g = label_candidates(CandidateGroup.from_example(ex), ["#### 72", "#### 5"])
+    assert [(c.answer_correct, c.chain_ok, c.form) for c in g.candidates] == [
+        (True, None, None),
+        (False, None, None),
+    ]
+    with pytest.raises(ValueError, match="label: 'verified'"):
+        label_candidates(CandidateGroup.from_example(ex), ["#### 72"], "verified")
+    with pytest.raises(ValueError, match="label: 'nope'"):
+        label_candidates(_syn_group(), ["#### 21"], "nope")
+
+
+def test_relabel_from_stored_fields(tmp_path):
+    texts = [SYN_RIGHT, SYN_CANCEL, SYN_NET, SYN_WRONG]
+    sampled = label_candidates(_syn_group(), texts)  # the answer rule, as sampled
+    path = tmp_path / "c.jsonl"
+    write_candidates(path, [sampled])
+    (back,) = read_candidates(path)
+    assert back == sampled  # the new fields survive the file
+    (v,) = relabel([back], "verified")
+    assert v.labels() == [1, 0, 1, 0]
+    (a,) = relabel([v], "answer")
+    assert a.labels() == [1, 1, 1, 0]
+    assert back.labels() == [1, 1, 1, 0]  # relabel copies; the input is unchanged
+    # An old file (no stored fields): the answer rule keeps its labels, verified refuses.
+    old = tmp_path / "old.jsonl"
+    _write(old, [GOOD])
+    (g,) = relabel(read_candidates(old), "answer")
+    assert g.labels() == [1]
+    with pytest.raises(ValueError, match="label: 'verified'.*'answer_correct'"):
+        relabel(read_candidates(old), "verified")
+    # Ranked candidates keep their ranks under both rules.
+    ranked = CandidateGroup(
+        "r", SYN_Q, "21", "number", None, [Candidate("x", rank=2), Candidate("y", rank=0)]
+    )
+    assert relabel([ranked], "verified")[0].labels() == [2, 0]
+
+
+def test_new_fields_on_disk(tmp_path):
+    sampled = label_candidates(_syn_group(), [SYN_CANCEL, "no idea"])
+    path = tmp_path / "c.jsonl"
+    write_candidates(path, [sampled])
+    (obj,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert obj["candidates"][0] == {
+        "text": SYN_CANCEL,
+        "correct": True,
+        "answer_correct": True,
+        "chain_ok": False,
+        "form": "running_total",
+    }
+    assert obj["candidates"][1] == {
+        "text": "no idea",
+        "correct": False,
+        "answer_correct": False,
+        "chain_ok": False,
+        "form": None,
+    }
+    # Stored nulls read back as None; a bad value names the field and line.
+    bad = dict(GOOD, candidates=[{"text": "#### 7", "correct": True, "answer_correct": "yes"}])
+    _raises(_write(tmp_path / "b1.jsonl", [GOOD | {"id": "g1"}, bad]), 2, "answer_correct")
+    bad = dict(GOOD, candidates=[{"text": "#### 7", "correct": True, "form": "zigzag"}])
+    _raises(_write(tmp_path / "b2.jsonl", [bad]), 1, "'form'")
+    nulls = dict(
+        GOOD, candidates=[{"text": "#### 7", "correct": True, "answer_correct": True, "chain_ok": None}]
+    )
+    (g,) = read_candidates(_write(tmp_path / "n.jsonl", [nulls]))
+    assert (g.candidates[0].answer_correct, g.candidates[0].chain_ok, g.candidates[0].form) == (
+        True,
+        None,
+        None,
+    )

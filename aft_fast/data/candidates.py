@@ -3,12 +3,20 @@
 Schema::
 
     {"id": str, "question": str, "gold": str, "kind"?: "number" | "option", "reference"?: str,
-     "candidates": [{"text": str, "correct"?: bool, "rank"?: int, "ref_logp"?: float}, ...]}
+     "candidates": [{"text": str, "correct"?: bool, "rank"?: int, "ref_logp"?: float,
+                     "answer_correct"?: bool, "chain_ok"?: bool | null, "form"?: str | null}, ...]}
 
 ``question`` is the question as shown to the model (options included), i.e. what `prompt_text` wraps.
 ``kind`` defaults to "option" when ``gold`` is a single letter A-E and "number" otherwise. Within a group
 either every candidate has a ``rank`` (ranked feedback, higher is better) or none has. Unknown keys are
 ignored, so files with extra metadata (sampling temperature, extracted answers) still load.
+
+The sample stage also stores why a candidate got its label: ``answer_correct`` (the final answer equals the
+gold), ``chain_ok`` (every step of the chain is right, `aft_fast.data.chains`; null where the task's chains
+cannot be checked) and ``form`` (the solution strategy the chain follows, null if unrecognised). ``correct``
+is the label under the rule the file was sampled with (``label``: "answer" or "verified"); `relabel`
+recomputes it for the other rule from those fields, so one sampled file serves both. Files without them
+(older ones, hand-made ones) still read.
 """
 
 from __future__ import annotations
@@ -23,18 +31,23 @@ from pathlib import Path
 from typing import Any
 
 from aft_fast.data.answers import KINDS, OPTION_LETTERS, answers_match, extract_answer
+from aft_fast.data.chains import FORMS, check_chain, is_checkable
 from aft_fast.data.formats import DataError, Example
 
 
 @dataclass
 class Candidate:
     """One sampled chain. ``correct``: binary label; ``rank``: ranked feedback (higher is better);
-    ``ref_logp``: summed log-prob under the reference model (for the ``dpo`` baseline)."""
+    ``ref_logp``: summed log-prob under the reference model (for the ``dpo`` baseline). ``answer_correct``,
+    ``chain_ok``, ``form``: what the label was computed from (see the module docstring)."""
 
     text: str
     correct: bool | None = None
     rank: int | None = None
     ref_logp: float | None = None
+    answer_correct: bool | None = None
+    chain_ok: bool | None = None
+    form: str | None = None
 
 
 @dataclass
@@ -110,7 +123,15 @@ def _parse_candidate(path: Path, line: int, j: int, obj: Any) -> Candidate:
         ):
             raise DataError(path, line, f"{where}: 'ref_logp' must be a finite number, got {ref_logp!r}")
         ref_logp = float(ref_logp)
-    return Candidate(text, correct, rank, ref_logp)
+    flags = {}
+    for key in ("answer_correct", "chain_ok"):
+        flags[key] = obj.get(key)
+        if flags[key] is not None and not isinstance(flags[key], bool):
+            raise DataError(path, line, f"{where}: {key!r} must be true/false/null, got {flags[key]!r}")
+    form = obj.get("form")
+    if form is not None and form not in FORMS:
+        raise DataError(path, line, f"{where}: 'form' must be one of {FORMS} or null, got {form!r}")
+    return Candidate(text, correct, rank, ref_logp, flags["answer_correct"], flags["chain_ok"], form)
 
 
 def _parse_group(path: Path, line: int, obj: Any) -> CandidateGroup:
@@ -186,6 +207,8 @@ def group_to_json(group: CandidateGroup) -> dict[str, Any]:
             d["rank"] = int(c.rank)
         if c.ref_logp is not None:
             d["ref_logp"] = float(c.ref_logp)
+        if c.answer_correct is not None:  # a labelled candidate stores all three, nulls included
+            d.update(answer_correct=bool(c.answer_correct), chain_ok=c.chain_ok, form=c.form)
         cands.append(d)
     obj["candidates"] = cands
     return obj
@@ -209,15 +232,64 @@ def write_candidates(path: str | Path, groups: Iterable[CandidateGroup]) -> None
         raise
 
 
-def label_candidates(group: CandidateGroup, texts: list[str]) -> CandidateGroup:
+LABEL_RULES = ("answer", "verified")
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in LABEL_RULES:
+        raise ValueError(f"label: {rule!r} is not one of {', '.join(LABEL_RULES)}")
+
+
+def not_checkable_error(where: str) -> ValueError:
+    return ValueError(
+        f"label: 'verified' needs a task whose chains can be checked (the embedded synthetic task); "
+        f"{where} is not one. Use --label answer"
+    )
+
+
+def label_candidates(group: CandidateGroup, texts: list[str], rule: str = "answer") -> CandidateGroup:
     """A copy of `group` whose candidates are `texts` without exact duplicates (first kept, order
-    preserved), each labeled correct when its extracted answer matches the group's gold."""
+    preserved), each with ``answer_correct`` (its extracted answer matches the gold), ``chain_ok`` and
+    ``form`` (from `check_chain`; None where the question is not checkable) and ``correct`` by `rule`:
+    "answer" (the paper's rule) = answer_correct; "verified" = answer_correct and chain_ok. "verified" on
+    a question that cannot be checked raises ValueError naming the ``label`` field."""
+    _check_rule(rule)
+    checkable = is_checkable(group.question)
+    if rule == "verified" and not checkable:
+        raise not_checkable_error(f"group {group.id!r}")
     seen: set[str] = set()
     cands = []
     for t in texts:
         if t in seen:
             continue
         seen.add(t)
-        pred = extract_answer(t, group.kind)
-        cands.append(Candidate(t, correct=answers_match(pred, group.gold, group.kind)))
+        right = answers_match(extract_answer(t, group.kind), group.gold, group.kind)
+        chain_ok = form = None
+        if checkable:
+            check = check_chain(group.question, t)
+            chain_ok, form = check.ok, check.form
+        correct = right if rule == "answer" else right and bool(chain_ok)
+        cands.append(Candidate(t, correct=correct, answer_correct=right, chain_ok=chain_ok, form=form))
     return replace(group, candidates=cands)
+
+
+def relabel(groups: list[CandidateGroup], rule: str) -> list[CandidateGroup]:
+    """Copies of `groups` whose ``correct`` follows `rule`, recomputed from each candidate's stored
+    ``answer_correct`` / ``chain_ok``. Ranked candidates keep their rank. Under "answer", a candidate
+    without stored fields (an older or hand-made file) keeps its ``correct``; under "verified" every
+    unranked candidate needs ``chain_ok``, else ValueError naming the ``label`` field."""
+    _check_rule(rule)
+    out = []
+    for g in groups:
+        cands = []
+        for i, c in enumerate(g.candidates):
+            if c.rank is not None or (rule == "answer" and c.answer_correct is None):
+                cands.append(c)
+                continue
+            if c.answer_correct is None or c.chain_ok is None:
+                missing = "answer_correct" if c.answer_correct is None else "chain_ok"
+                raise not_checkable_error(f"group {g.id!r} (candidate {i} has no {missing!r})")
+            correct = c.answer_correct if rule == "answer" else c.answer_correct and c.chain_ok
+            cands.append(replace(c, correct=correct))
+        out.append(replace(g, candidates=cands))
+    return out

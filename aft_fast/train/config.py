@@ -56,6 +56,17 @@ class TrainConfig:
     data_format: str = _opt("auto", "gsm8k | aqua | ecqa | auto (decided from the first record's fields)")
     synthetic_train: int = _opt(8000, "embedded task: number of training problems")
     synthetic_test: int = _opt(200, "embedded task: number of test problems")
+    synthetic_task: str = _opt(
+        "forms",
+        "embedded task version: forms (three valid solution strategies, references drawn 60/30/10 from "
+        "them) | v1 (the first generator: one running-total chain per problem, for old runs)",
+    )
+    label: str = _opt(
+        "answer",
+        "how sample labels a candidate: answer (positive when the final answer equals the gold, the "
+        "paper's rule) | verified (answer right and every step of the chain checked right; embedded task "
+        "only)",
+    )
     max_length: int = _opt(256, "tokens per row ([prompt | chain]); longer chains are cut at the end")
     # --- model -----------------------------------------------------------------------------------------
     model: str = _opt(
@@ -180,6 +191,8 @@ def check(cfg: TrainConfig) -> None:
             f"{cfg.max_length}; use 0 (auto) or at least max_length"
         )
     _choice("data_format", cfg.data_format, ("auto", "gsm8k", "aqua", "ecqa"))
+    _choice("synthetic_task", cfg.synthetic_task, ("forms", "v1"))
+    _choice("label", cfg.label, ("answer", "verified"))
     for name in (
         "vft_steps",
         "vft_batch_size",

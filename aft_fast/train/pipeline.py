@@ -18,7 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from aft_fast.data.candidates import CandidateGroup, read_candidates
+from aft_fast.data.candidates import CandidateGroup, not_checkable_error, read_candidates, relabel
+from aft_fast.data.chains import is_checkable
 from aft_fast.data.formats import DataError, Example, prompt_text, read_examples
 from aft_fast.data.synthetic import write_default_task
 from aft_fast.eval.evaluate import Evaluation, evaluate, split_scores, summary_line, write_results
@@ -115,10 +116,16 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
         # eval and sample see the data the run trained on even if the generator changed since.
         rewrite = fresh and stage in ("all", "vft")
         if dist.is_main and (rewrite or not (data_dir / "train.jsonl").is_file()):
-            write_default_task(data_dir, cfg.synthetic_train, cfg.synthetic_test, cfg.seed)
+            write_default_task(
+                data_dir, cfg.synthetic_train, cfg.synthetic_test, cfg.seed, task=cfg.synthetic_task
+            )
         _barrier()
         train_path, test_path = data_dir / "train.jsonl", test_path or data_dir / "test.jsonl"
     train = read_examples(train_path, cfg.data_format) if needs_train else []
+    if cfg.label == "verified" and stage in ("all", "sample"):  # before VFT trains, not after
+        bad = next((e for e in train[: cfg.sample_limit or None] if not is_checkable(e.question)), None)
+        if bad is not None:
+            raise not_checkable_error(f"{train_path}: question {bad.id!r}")
     if needs_test and test_path is None:
         raise ValueError("eval needs --test_data (the test split of --train_data's task)")
     test = read_examples(test_path, cfg.data_format) if needs_test else []
@@ -157,6 +164,7 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
     groups = None
     if stage == "aft":
         groups = read_candidates(cfg.candidates_path)  # DataError names file:line; an empty file fails
+        groups = relabel(groups, cfg.label)  # one sampled file serves both label rules
         if not any(g.candidates for g in groups):
             raise ValueError(f"{cfg.candidates_path}: no group has a candidate")
         if cfg.mode.startswith("dpo"):
@@ -292,10 +300,13 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
                 s.seconds,
                 f"{s.candidates} candidates for {s.questions} questions: "
                 f"{s.positives} positive / {s.negatives} negative, both on {s.both} questions "
-                f"({100 * s.both / max(s.questions, 1):.0f}%), {s.duplicates} duplicates dropped -> {out}",
+                f"({100 * s.both / max(s.questions, 1):.0f}%), {s.duplicates} duplicates dropped, "
+                f"label {cfg.label}: {s.noise_text()} -> {out}",
                 positives=s.positives,
                 negatives=s.negatives,
                 both=s.both,
+                answer_positives=s.answer_positives,
+                **({"false_step": s.false_step} if s.false_step is not None else {}),
             )
         elif stage == "aft":
             groups = inputs.groups if inputs.groups is not None else read_candidates(cfg.candidates_path)

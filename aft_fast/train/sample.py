@@ -1,14 +1,18 @@
-"""Stage sample: k candidates per training question from the frozen VFT model, labelled by answer checking.
+"""Stage sample: k candidates per training question from the frozen VFT model, labelled by `label`: answer
+checking (the paper's rule) or, on the embedded task, answer and chain checking (`aft_fast.data.chains`).
 
 Each process holds a replica of the model (loaded from the VFT Hugging Face folder) and samples its share
 of the questions; rank 0 writes one JSONL. For the dpo modes a second pass stores each candidate's summed
-log-prob under that same frozen model (`ref_logp`).
+log-prob under that same frozen model (`ref_logp`). Next to the file, `<file>.meta.json` records the label
+rule, the task version and the label noise: how many answer-positives hold a false step.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import deepspeed
@@ -16,7 +20,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from aft_fast.data.candidates import Candidate, CandidateGroup, label_candidates, write_candidates
+from aft_fast.data.candidates import CandidateGroup, label_candidates, not_checkable_error, write_candidates
+from aft_fast.data.chains import is_checkable
 from aft_fast.data.collate import collate, encode_group
 from aft_fast.data.formats import Example
 from aft_fast.eval.generation import generate_chains, map_sharded
@@ -35,6 +40,26 @@ class SampleStats:
     both: int  # questions with at least one positive and one negative
     duplicates: int
     seconds: float
+    # Label noise (candidates that store answer_correct / chain_ok; None where nothing was checked):
+    answer_positives: int = 0  # final answer right
+    false_step: int | None = None  # ... of which the chain holds a false or unsupported step
+    positives_by_form: dict[str, int] = field(default_factory=dict)  # positives (the label used) per form
+
+    @property
+    def false_step_pct(self) -> float | None:
+        if self.false_step is None or not self.answer_positives:
+            return None
+        return 100 * self.false_step / self.answer_positives
+
+    def noise_text(self) -> str:
+        """The label-noise clause of the summary line."""
+        if self.false_step is None:
+            return "chains not checked (not the embedded task)"
+        pct = self.false_step_pct
+        return (
+            f"{self.false_step} of {self.answer_positives} answer-positives have a false step"
+            + (f" ({pct:.1f}%)" if pct is not None else "")
+        )
 
 
 def group_stats(groups: list[CandidateGroup], sampled: int, seconds: float) -> SampleStats:
@@ -43,7 +68,47 @@ def group_stats(groups: list[CandidateGroup], sampled: int, seconds: float) -> S
     both = sum(
         any(c.correct for c in g.candidates) and not all(c.correct for c in g.candidates) for g in groups
     )
-    return SampleStats(len(groups), len(cands), pos, len(cands) - pos, both, sampled - len(cands), seconds)
+    stats = SampleStats(len(groups), len(cands), pos, len(cands) - pos, both, sampled - len(cands), seconds)
+    right = [c for c in cands if c.answer_correct]
+    stats.answer_positives = len(right)
+    if cands and all(c.chain_ok is not None for c in cands):
+        stats.false_step = sum(not c.chain_ok for c in right)
+        for c in cands:
+            if c.correct:
+                key = c.form or "unrecognised"
+                stats.positives_by_form[key] = stats.positives_by_form.get(key, 0) + 1
+    return stats
+
+
+def meta_path(candidates_path: str | Path) -> Path:
+    """The sidecar metadata file of a candidate file: `<path>.meta.json`."""
+    return Path(f"{candidates_path}.meta.json")
+
+
+def write_meta(candidates_path: str | Path, stats: SampleStats, *, label: str, task: str | None) -> Path:
+    """Write `<candidates_path>.meta.json`: label rule, task version (None: not the embedded task), counts
+    and label noise. Atomic (temp file, then os.replace)."""
+    path = meta_path(candidates_path)
+    meta = {
+        "label": label,
+        "task": task,
+        "groups": stats.questions,
+        "candidates": stats.candidates,
+        "positives": stats.positives,
+        "negatives": stats.negatives,
+        "both": stats.both,
+        "duplicates": stats.duplicates,
+        "answer_positives": stats.answer_positives,
+        "answer_positives_false_step": stats.false_step,
+        "answer_positives_false_step_pct": stats.false_step_pct,
+        "positives_by_form": stats.positives_by_form,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 
 
 @torch.no_grad()
@@ -78,7 +143,7 @@ def reference_logps(
             g.gold,
             g.kind,
             g.reference,
-            [Candidate(c.text, c.correct, c.rank, lp) for c, lp in zip(g.candidates, lps, strict=True)],
+            [replace(c, ref_logp=lp) for c, lp in zip(g.candidates, lps, strict=True)],
         )
         for g, lps in zip(groups, logps, strict=True)
     ]
@@ -94,8 +159,12 @@ def run_sample(
     dtype: torch.dtype,
 ) -> SampleStats:
     t0 = time.perf_counter()
-    model = load_replica(model_dir, dist.device, dtype)
     questions = examples[: cfg.sample_limit or None]
+    if cfg.label == "verified":  # fail before sampling, not after
+        bad = next((e for e in questions if not is_checkable(e.question)), None)
+        if bad is not None:
+            raise not_checkable_error(f"training question {bad.id!r}")
+    model = load_replica(model_dir, dist.device, dtype)
 
     def sample(i: int, batch: list[Example]) -> list[list[str]]:
         return generate_chains(
@@ -112,7 +181,8 @@ def run_sample(
 
     texts = map_sharded(questions, cfg.gen_batch_size, sample, desc="sample", progress=cfg.progress)
     groups = [
-        label_candidates(CandidateGroup.from_example(e), t) for e, t in zip(questions, texts, strict=True)
+        label_candidates(CandidateGroup.from_example(e), t, cfg.label)
+        for e, t in zip(questions, texts, strict=True)
     ]
     if cfg.mode.startswith("dpo"):
         groups = reference_logps(
@@ -123,7 +193,9 @@ def run_sample(
             batch_size=cfg.gen_batch_size,
             progress=cfg.progress,
         )
+    stats = group_stats(groups, len(questions) * cfg.num_samples, time.perf_counter() - t0)
     if dist.is_main:
         write_candidates(out_path, groups)
+        write_meta(out_path, stats, label=cfg.label, task=None if cfg.train_data else cfg.synthetic_task)
     deepspeed.comm.barrier()
-    return group_stats(groups, len(questions) * cfg.num_samples, time.perf_counter() - t0)
+    return stats
