@@ -100,3 +100,6 @@ def test_resume_refuses_a_different_run():
         check_resumable(saved, TrainConfig(aft_batch_size=16, aft_micro_batch_size=4), "aft", 4)
     with pytest.raises(InputError, match="mode: 'bcl' -> 'dpo'"):
         check_resumable(saved, TrainConfig(aft_batch_size=8, aft_micro_batch_size=4, mode="dpo"), "aft", 2)
+    spread = TrainConfig(aft_batch_size=8, aft_micro_batch_size=4, beta_from_spread=2.0)
+    with pytest.raises(InputError, match="beta_from_spread: 0.0 -> 2.0"):
+        check_resumable(saved, spread, "aft", 2)

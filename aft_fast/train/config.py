@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from aft_fast.constants import BACKENDS, MODES
+from aft_fast.constants import BACKENDS, TRAIN_MODES
 from aft_fast.data.collate import LAYOUTS
 
 STAGES = ("vft", "sample", "aft", "eval", "all")
@@ -107,8 +107,20 @@ class TrainConfig:
     weight_decay: float = _opt(0.1, "AdamW weight decay")
     grad_clip: float = _opt(1.0, "gradient norm clipping (fills the DeepSpeed config's 'auto')")
     # --- AFT loss (DESIGN.md section 2) ----------------------------------------------------------------
-    mode: str = _opt("bcl", "AFT loss: " + " | ".join(m for m in MODES if m != "vft"))
-    beta: float = _opt(1.0, "boundary margin of bcl and +bc modes")
+    mode: str = _opt(
+        "bcl",
+        "what the aft stage trains: " + " | ".join(TRAIN_MODES) + " (vft: continued VFT on the reference "
+        "chains, the control; rft: maximum likelihood on the positive candidates plus the references; the "
+        "rest: the AFT loss family and its baselines)",
+    )
+    beta: float = _opt(1.0, "boundary margin of bcl and +bc modes: B = min_p s_p - beta (per-token log-prob)")
+    beta_from_spread: float = _opt(
+        0.0,
+        "> 0: set beta to this multiple of the VFT model's own score spread, the standard deviation of the "
+        "training candidates' scores s_c around their question's mean (pooled over questions with 2 or more "
+        "candidates), measured before the aft stage trains; the value used is printed and logged as "
+        "train/beta. 0: use --beta as given",
+    )
     w_vft: float = _opt(1.0, "weight of the reference chains' likelihood in AFT")
     w_align: float = _opt(1.0, "weight of the alignment loss")
     dpo_beta: float = _opt(0.1, "DPO inverse temperature")

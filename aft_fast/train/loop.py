@@ -18,6 +18,7 @@ import deepspeed
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from aft_fast.constants import TrainMode
 from aft_fast.data.batch import Batch, Encoded
 from aft_fast.data.collate import collate
 from aft_fast.models import attention
@@ -25,6 +26,7 @@ from aft_fast.models.forward import AFTModel
 from aft_fast.models.loading import load_partitioned, save_hf_folder
 from aft_fast.train import checkpoint
 from aft_fast.train.config import InputError, TrainConfig
+from aft_fast.train.diagnostics import gradient_norms, pair_stats
 from aft_fast.train.engine import (
     Dist,
     build_engine,
@@ -44,7 +46,7 @@ def check_resumable(saved: dict, cfg: TrainConfig, stage: str, world_size: int) 
     keys = ["seed", "max_length", "warmup_ratio", "min_lr_ratio", "weight_decay", "grad_clip"]
     keys += [f"{stage}_{k}" for k in ("steps", "batch_size", "micro_batch_size", "lr")]
     if stage == "aft":
-        keys += ["mode", "beta", "w_vft", "w_align", "dpo_beta", "pro_tau"]
+        keys += ["mode", "beta", "beta_from_spread", "w_vft", "w_align", "dpo_beta", "pro_tau"]
     diff = [
         f"{k}: {saved['config'].get(k)!r} -> {getattr(cfg, k)!r}"
         for k in keys
@@ -94,7 +96,12 @@ class StageResult:
 
 
 class _Meter:
-    """Sums over micro batches (and, at `reduce`, over ranks) of the logged quantities."""
+    """Sums over micro batches (and, at `reduce`, over ranks) of the logged quantities.
+
+    Besides the losses: the mean margin s_i - s_j over valid pairs, the mean distance s_n - B of the
+    negatives to the boundary and the fraction below it (modes with a boundary), and on log steps the
+    norms of the alignment and VFT parts of the gradient on the final hidden states
+    (aft_fast/train/diagnostics.py)."""
 
     NAMES = (
         "loss",
@@ -108,11 +115,24 @@ class _Meter:
         "neg_n",
         "pairs_right",
         "pairs",
+        "margin_sum",
+        "gap_n",
+        "gap_sum",
+        "below",
+        "grad_align",
+        "grad_vft",
+        "grad_n",
     )
 
-    def __init__(self):
+    def __init__(self, beta: float | None = None):
+        """beta: the loss's boundary margin (None: the mode has no boundary, so no distance to B)."""
         self.sums = torch.zeros(len(self.NAMES), dtype=torch.float64)
         self.start = time.perf_counter()
+        self.beta = beta
+
+    def add_gradients(self, align: float, vft: float) -> None:
+        for name, value in (("grad_align", align), ("grad_vft", vft), ("grad_n", 1.0)):
+            self.sums[self.NAMES.index(name)] += value
 
     def add(self, batch: Batch, out: dict[str, torch.Tensor]) -> None:
         scores = out["scores"].detach().float().cpu()
@@ -127,7 +147,7 @@ class _Meter:
         )
         below = pair.any(dim=0)
         pos, neg = pair.any(dim=1) & ~below, below  # a group's top candidates; those under another
-        right = pair & (scores[:, None] > scores[None, :])
+        st = pair_stats(scores, group, label, is_ref, self.beta)
         vals = [
             out["loss"].item(),
             out["vft_loss"].item(),
@@ -138,8 +158,15 @@ class _Meter:
             pos.sum().item(),
             scores[neg].sum().item(),
             neg.sum().item(),
-            right.sum().item(),
-            pair.sum().item(),
+            st.right,
+            st.pairs,
+            st.margin_sum,
+            st.negatives if self.beta is not None else 0,
+            st.neg_gap_sum,
+            st.below,
+            0.0,
+            0.0,
+            0.0,
         ]
         self.sums += torch.tensor(vals, dtype=torch.float64)
 
@@ -165,7 +192,47 @@ class _Meter:
             m["train/neg_score"] = s["neg_sum"] / s["neg_n"]
         if s["pairs"]:
             m["train/assess_acc"] = s["pairs_right"] / s["pairs"]
+            m["train/margin"] = s["margin_sum"] / s["pairs"]
+        if s["gap_n"]:
+            m["train/neg_minus_boundary"] = s["gap_sum"] / s["gap_n"]
+            m["train/neg_below_boundary"] = s["below"] / s["gap_n"]
+        if self.beta is not None:
+            m["train/beta"] = self.beta
+        if s["grad_n"]:
+            m["train/grad_align"] = s["grad_align"] / s["grad_n"]
+            m["train/grad_vft"] = s["grad_vft"] / s["grad_n"]
+            if s["grad_vft"] > 0:
+                m["train/grad_ratio"] = s["grad_align"] / s["grad_vft"]
         return m
+
+
+class _HiddenTap:
+    """Keeps the decoder's final hidden states of the next forward (detached) once armed: the input of the
+    fused loss, for the gradient norms of the log steps. A forward hook on the decoder, so the training
+    forward itself is unchanged (no second model forward)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+        self.handle = base.register_forward_hook(self._hook)
+        self.armed, self.hidden = False, None
+
+    def _hook(self, module, args, output) -> None:
+        if self.armed:
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            self.hidden, self.armed = hidden.detach(), False
+
+    def take(self) -> torch.Tensor | None:
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+
+def _gradient_norms(model: AFTModel, hidden: torch.Tensor, batch: Batch) -> tuple[float, float]:
+    """The align and VFT parts of the gradient on `hidden` (collective under ZeRO-3: the head is gathered
+    on every rank, so every rank calls this on the same steps)."""
+    head = model.lm.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    with deepspeed.zero.GatheredParameters([p for p in (head.weight, bias) if p is not None]):
+        return gradient_norms(hidden, head.weight, bias, batch, model.loss_options)
 
 
 def _kill_hook(stage: str, step: int) -> None:
@@ -181,7 +248,7 @@ def train(
     items: list[Encoded],
     init_model: Path,
     tokenizer: PreTrainedTokenizerBase,
-    mode: str,
+    mode: TrainMode,
     steps: int,
     batch_size: int,
     micro_batch: int,
@@ -189,9 +256,10 @@ def train(
     out_dir: Path,
     layout: str = "padded",
 ) -> StageResult:
-    """Train `init_model` on `items` for `steps` optimizer steps with loss `mode`, micro batches collated in
-    `layout` (aft_fast/data/collate.py); write the consolidated Hugging Face folder `out_dir`. With
-    cfg.resume, continue from the stage's latest checkpoint."""
+    """Train `init_model` on `items` for `steps` optimizer steps with the loss of `mode` (a row of
+    aft_fast.constants.TRAIN_MODES; cfg.beta is the beta used), micro batches collated in `layout`
+    (aft_fast/data/collate.py); write the consolidated Hugging Face folder `out_dir`. With cfg.resume,
+    continue from the stage's latest checkpoint."""
     accum = grad_accum_steps(batch_size, micro_batch, dist.world_size, stage)
     config = ds_config(
         cfg.deepspeed_config,
@@ -209,7 +277,8 @@ def train(
         checkpoint.clear(ckpt_dir)  # a fresh start: checkpoints there belong to an older run
     print0(
         f"[{stage}] {len(items)} items, {steps} steps of {batch_size} ({micro_batch} per process x "
-        f"{dist.world_size} processes x {accum} accumulation), {model_dtype(config)}, lr {lr}"
+        f"{dist.world_size} processes x {accum} accumulation), {model_dtype(config)}, lr {lr}, "
+        f"mode {mode.name} (loss {mode.loss}" + (f", beta {cfg.beta:.4g})" if mode.boundary else ")")
     )
     lm = load_partitioned(init_model, config)
     attn = attention.prepare(lm, layout, dist.device)  # the attention kernel that can express the layout
@@ -219,7 +288,7 @@ def train(
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = AFTModel(
         lm,
-        mode=mode,
+        mode=mode.loss,
         beta=cfg.beta,
         w_vft=cfg.w_vft,
         w_align=cfg.w_align,
@@ -241,10 +310,13 @@ def train(
         start = int(checkpoint.load(engine, ckpt_dir)["step"])
         print0(f"[{stage}] resumed from {ckpt_dir / checkpoint.latest_tag(ckpt_dir)} at step {start}")
     logger = MetricsLogger(cfg.run_dir, stage, cfg.tensorboard)
-    meter, bar = _Meter(), progress(steps, stage, cfg.progress, initial=start)
+    meter = _Meter(cfg.beta if mode.boundary else None)
+    bar = progress(steps, stage, cfg.progress, initial=start)
+    tap = _HiddenTap(lm) if mode.ranking else None
     t0, tokens, metrics = time.perf_counter(), 0, {}
     engine.train()
     for step in range(start, steps):
+        log_step = (step + 1) % cfg.log_every == 0 or step + 1 == steps
         for accum_step in range(accum):
             idx = plan.micro_batch(step, accum_step, dist.rank)
             batch = collate(
@@ -255,7 +327,12 @@ def train(
                 max_tokens=max_tokens,
             )
             batch = batch.to(dist.device)
+            if tap is not None:
+                tap.armed = log_step and accum_step == 0
             out = engine(**batch.tensors())
+            hidden = tap.take() if tap is not None else None
+            if hidden is not None:  # before the step: the same weights as this forward
+                meter.add_gradients(*_gradient_norms(model, hidden, batch))
             engine.backward(out["loss"])
             engine.step()  # DeepSpeed steps the optimizer and the schedule at the accumulation boundary
             meter.add(batch, out)
@@ -277,6 +354,8 @@ def train(
         bar.update()
     bar.close()
     logger.close()
+    if tap is not None:
+        tap.handle.remove()
     seconds = time.perf_counter() - t0
     local = torch.tensor([float(tokens)], device=dist.device)
     deepspeed.comm.all_reduce(local)

@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from aft_fast.constants import train_mode
 from aft_fast.data.candidates import CandidateGroup, not_checkable_error, read_candidates, relabel
 from aft_fast.data.chains import is_checkable
 from aft_fast.data.formats import DataError, Example, prompt_text, read_examples
@@ -167,7 +168,7 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
         groups = relabel(groups, cfg.label)  # one sampled file serves both label rules
         if not any(g.candidates for g in groups):
             raise ValueError(f"{cfg.candidates_path}: no group has a candidate")
-        if cfg.mode.startswith("dpo"):
+        if train_mode(cfg.mode).needs_ref_logp:
             missing = [g.id for g in groups if any(c.ref_logp is None for c in g.candidates)]
             if missing:
                 raise ValueError(
@@ -259,9 +260,39 @@ def _train_row(stage: str, r, summary: Summary) -> None:
         f"loss {r.metrics.get('train/loss', float('nan')):.4f}",
         f"{r.tokens_per_sec:,.0f} tokens/s",
     ]
-    if "train/assess_acc" in r.metrics:
-        parts.append(f"in-batch assessment accuracy {100 * r.metrics['train/assess_acc']:.1f}%")
-    summary.add(stage, r.seconds, ", ".join(parts), **{f"{stage}/loss": r.metrics.get("train/loss", 0.0)})
+    m = r.metrics
+    if "train/assess_acc" in m:
+        parts.append(f"in-batch assessment accuracy {100 * m['train/assess_acc']:.1f}%")
+    # What the constraint did (aft_fast/train/diagnostics.py), from the last log step.
+    if "train/margin" in m:
+        parts.append(f"margin s_p - s_n {m['train/margin']:.4f}")
+    if "train/beta" in m:
+        parts.append(f"beta {m['train/beta']:.4g}")
+    if "train/neg_minus_boundary" in m:
+        parts.append(
+            f"negatives s_n - B {m['train/neg_minus_boundary']:.4f} "
+            f"({100 * m['train/neg_below_boundary']:.0f}% below B)"
+        )
+    if "train/grad_ratio" in m:
+        parts.append(f"|grad align| / |grad vft| {m['train/grad_ratio']:.3g}")
+    keep = ("margin", "beta", "neg_minus_boundary", "neg_below_boundary", "grad_ratio", "score_spread")
+    values = {f"{stage}/{k}": m[f"train/{k}"] for k in keep if f"train/{k}" in m}
+    summary.add(stage, r.seconds, ", ".join(parts), **{f"{stage}/loss": m.get("train/loss", 0.0)}, **values)
+
+
+def compare_line(cfg: TrainConfig, values: dict) -> str | None:
+    """One line: greedy accuracy after VFT and after the aft stage, and the change (None unless both
+    models were evaluated in this run)."""
+    before, after = values.get("eval_vft/accuracy"), values.get("eval_aft/accuracy")
+    if before is None or after is None:
+        return None
+    beta = f", beta {values['aft/beta']:.4g}" if "aft/beta" in values else ""
+    delta = 100 * (after - before)
+    word = "above" if delta > 0 else "below" if delta < 0 else "level with"
+    return (
+        f"AFT ({cfg.mode}{beta}, label {cfg.label}) vs VFT: greedy accuracy "
+        f"{100 * before:.1f}% -> {100 * after:.1f}% ({delta:+.1f} points, {word} the VFT model)"
+    )
 
 
 def run(cfg: TrainConfig, dist: Dist) -> Summary:
@@ -335,8 +366,11 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
                 _plot_before_after(cfg, evals["vft"], evals["aft"])
         _free()
 
+    verdict = compare_line(cfg, summary.values)
+    if verdict:
+        print0(verdict)
     if dist.is_main:
-        (run_dir / "summary.md").write_text(summary.table() + "\n")
+        (run_dir / "summary.md").write_text(summary.table() + "\n" + (f"\n{verdict}\n" if verdict else ""))
         (run_dir / "summary.json").write_text(
             json.dumps({"rows": [r.__dict__ for r in summary.rows], "values": summary.values}, indent=1)
         )

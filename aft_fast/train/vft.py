@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from aft_fast.constants import TRAIN_MODES
 from aft_fast.data.collate import encode_example
 from aft_fast.data.formats import Example
 from aft_fast.train.config import TrainConfig
@@ -28,7 +29,7 @@ def run_vft(
         items=items,
         init_model=init_model,
         tokenizer=tokenizer,
-        mode="vft",
+        mode=TRAIN_MODES["vft"],
         steps=cfg.vft_steps,
         batch_size=cfg.vft_batch_size,
         micro_batch=cfg.vft_micro_batch_size,
