@@ -1,7 +1,7 @@
 """The plain PyTorch oracle: full logits, log_softmax, autograd, a Python loop over groups.
 
 Tests and benchmarks import these (never copy them). They favour being obviously right over being
-fast: `group_loss_ref` enumerates each group's pairs one by one, exactly as DESIGN.md section 2
+fast: `group_loss_ref` enumerates each group's pairs one by one, exactly as docs/design.md section 2
 writes the formulas, so the vectorized objective and every kernel backend are checked against an
 independent statement of the math.
 
@@ -25,17 +25,33 @@ def linear_logprob_ref(
     segments: torch.Tensor,
     num_segments: int,
     bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-segment sums of log p(target | hidden[row]) with the full [T, V] logits.
 
-    The product runs in the input dtype; log_softmax in at least fp32 (as Hugging Face models do).
-    Returns [S] in fp32 (fp64 for fp64 inputs).
+    The logits are the model's own (docs/design.md section 2): with z = hidden[rows] @ weight^T + bias,
+    logits = softcap * tanh(logit_scale * z / softcap) / temperature (softcap None: no tanh).
+    The product runs in the input dtype; the post-processing and log_softmax in at least fp32 (as
+    Hugging Face models do). Returns [S] in fp32 (fp64 for fp64 inputs).
     """
     logits = F.linear(hidden[rows], weight, bias)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = process_logits_ref(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                                logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
     sums = torch.zeros(num_segments, dtype=logp.dtype, device=hidden.device)
     return sums.index_add(0, segments, logp)
+
+
+def process_logits_ref(
+    z: torch.Tensor, *, logit_scale: float = 1.0, softcap: float | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """softcap * tanh(logit_scale * z / softcap) / temperature, in z's dtype (softcap None: no tanh)."""
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
 
 
 def _logsumexp_with_zero(values: list[torch.Tensor]) -> torch.Tensor:
@@ -129,11 +145,16 @@ def aft_loss_ref(
     dpo_beta: float = 0.1,
     pro_tau: float = 1.0,
     bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> AFTOutput:
-    """The whole AFT loss, unfused: full logits, then L = w_vft * L_vft + w_align * L_align."""
+    """The whole AFT loss, unfused: full logits (post-processed as in `linear_logprob_ref`), then
+    L = w_vft * L_vft + w_align * L_align."""
     num_segments = group.numel()
     sums = linear_logprob_ref(
-        hidden, weight, rows=rows, targets=targets, segments=segments, num_segments=num_segments, bias=bias
+        hidden, weight, rows=rows, targets=targets, segments=segments, num_segments=num_segments, bias=bias,
+        logit_scale=logit_scale, softcap=softcap, temperature=temperature,
     )
     counts = torch.bincount(segments, minlength=num_segments).to(sums.dtype)
     ref_tokens = counts[is_reference].sum()

@@ -111,6 +111,25 @@ def swizzle(pid, num_b, num_other, GROUP_B: tl.constexpr):
     return pid_b, pid_o
 
 
+def logit_args(logit_scale: float, softcap: float | None, temperature: float) -> dict:
+    """Launch arguments of `process_logits`: the three floats and the HAS_SOFTCAP switch."""
+    return dict(logit_scale=float(logit_scale), softcap=1.0 if softcap is None else float(softcap),
+                inv_temperature=1.0 / float(temperature), HAS_SOFTCAP=softcap is not None)
+
+
+@triton.jit
+def process_logits(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """The model's logits from fp32 z = h W^T + b (docs/design.md section 2), and d logits / d z:
+    softcap * tanh(logit_scale * z / softcap) / temperature, or logit_scale * z / temperature. With the
+    defaults (1, no cap, 1) the logits are z itself, bit for bit. tanh(u) is 2 * sigmoid(2u) - 1 (as TRL's
+    kernels write it: sigmoid exists in every triton version and the interpreter; exact at saturation)."""
+    outer = logit_scale * inv_temperature
+    if HAS_SOFTCAP:
+        t = 2.0 * tl.sigmoid(z * (2.0 * logit_scale / softcap)) - 1.0
+        return (softcap * inv_temperature) * t, outer * (1.0 - t * t)
+    return z * outer, outer
+
+
 @triton.jit
 def logits_tile(
     hidden, weight, bias, row, bmask, offs_v, vmask, H, stride_h, stride_w,

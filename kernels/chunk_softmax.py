@@ -24,12 +24,13 @@ import triton
 import triton.language as tl
 
 from . import _utils
+from ._utils import process_logits
 
 
 @triton.jit
 def _chunk_softmax_fwd_kernel(
-    logits, targets, segments, sums, lse, logp, C, V, stride_z,
-    HAS_SUMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits, targets, segments, sums, lse, logp, C, V, stride_z, logit_scale, softcap, inv_temperature,
+    HAS_SUMS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < C
@@ -39,15 +40,19 @@ def _chunk_softmax_fwd_kernel(
     run_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
-        x = tl.load(base + cols[None, :], mask=rmask[:, None] & (cols < V)[None, :],
-                    other=float("-inf")).to(tl.float32)
+        mask = rmask[:, None] & (cols < V)[None, :]
+        x = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, _ = process_logits(x, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        x = tl.where(mask, x, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(x, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows of -inf so far (and masked rows)
         run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
         run_max = new_max
     row_lse = run_max + tl.log(tl.where(rmask, run_sum, 1.0))
     target = tl.load(targets + rows, mask=rmask, other=0)
-    row_logp = tl.load(logits + rows * stride_z + target, mask=rmask, other=0.0).to(tl.float32) - row_lse
+    target_z = tl.load(logits + rows * stride_z + target, mask=rmask, other=0.0).to(tl.float32)
+    target_logit, _ = process_logits(target_z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+    row_logp = target_logit - row_lse
     tl.store(lse + rows, row_lse, mask=rmask)
     tl.store(logp + rows, row_logp, mask=rmask)
     if HAS_SUMS:
@@ -66,8 +71,8 @@ def _round_to_bf16(x):
 
 @triton.jit
 def _chunk_softmax_bwd_kernel(
-    logits, targets, lse, coef, coef_index, C, V, stride_z,
-    ROUND_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits, targets, lse, coef, coef_index, C, V, stride_z, logit_scale, softcap, inv_temperature,
+    HAS_SOFTCAP: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < C
@@ -80,8 +85,9 @@ def _chunk_softmax_bwd_kernel(
         cols = v0 + offs
         mask = rmask[:, None] & (cols < V)[None, :]
         x = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, dz = process_logits(x, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
-        grad = scale[:, None] * (onehot - tl.exp(x - row_lse[:, None]))
+        grad = scale[:, None] * (onehot - tl.exp(x - row_lse[:, None])) * dz
         if ROUND_BF16:
             grad = _round_to_bf16(grad)
         tl.store(base + cols[None, :], grad.to(logits.dtype.element_ty), mask=mask)
@@ -109,9 +115,14 @@ def chunk_softmax_fwd(
     *,
     segments: torch.Tensor | None = None,
     sums: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [c], lse [c]) fp32 of log_softmax(logits)[targets], reading the buffer once.
+    """(logp [c], lse [c]) fp32 of log_softmax(logits)[targets], reading the buffer once. The buffer holds
+    z = h W^T + b; the post-processing (logit_scale, softcap, temperature: `_utils.process_logits`) is
+    applied in registers as it is read.
 
     logits [c, V] (fp32, bf16 or fp16; rows contiguous, any row stride); targets [c] int64 in [0, V).
     With segments [c] int64 and sums [S] fp32, also sums[segments[t]] += logp[t] (atomic adds).
@@ -132,9 +143,10 @@ def chunk_softmax_fwd(
     targets = targets.contiguous()
     has_sums = sums is not None
     meta = _launch_kwargs(config)
+    post = _utils.logit_args(logit_scale, softcap, temperature)
     _chunk_softmax_fwd_kernel[(triton.cdiv(c, meta["BLOCK_B"]),)](
         logits, targets, segments.contiguous() if has_sums else targets, sums if has_sums else lse,
-        lse, logp, c, V, logits.stride(0), HAS_SUMS=has_sums, **meta)
+        lse, logp, c, V, logits.stride(0), **post, HAS_SUMS=has_sums, **meta)
     return logp, lse
 
 
@@ -145,6 +157,9 @@ def chunk_softmax_bwd(
     coef: torch.Tensor,
     coef_index: torch.Tensor,
     *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
     config: dict | None = None,
 ) -> None:
     """In place: logits[t] <- coef[coef_index[t]] * (onehot(targets[t]) - softmax(logits[t])), the
@@ -152,6 +167,8 @@ def chunk_softmax_bwd(
 
     logits [c, V] as in `chunk_softmax_fwd`, holding the same logits that gave lse [c] fp32; coef [S]
     fp32 (e.g. d(loss)/d(segment sum)); coef_index [c] int64 in [0, S) (e.g. each token's segment).
+    With logit options (as given to `chunk_softmax_fwd`) softmax is that of the processed logits, and the
+    gradient is with respect to z: times d logits / d z.
     """
     _check_rows(logits, targets=targets, coef_index=coef_index)
     for name, t in (("lse", lse), ("coef", coef)):
@@ -165,4 +182,5 @@ def chunk_softmax_bwd(
     meta = _launch_kwargs(config)
     _chunk_softmax_bwd_kernel[(triton.cdiv(c, meta["BLOCK_B"]),)](
         logits, targets.contiguous(), lse.contiguous(), coef.contiguous(), coef_index.contiguous(),
-        c, V, logits.stride(0), ROUND_BF16=_utils.INTERPRETED and logits.dtype == torch.bfloat16, **meta)
+        c, V, logits.stride(0), **_utils.logit_args(logit_scale, softcap, temperature),
+        ROUND_BF16=_utils.INTERPRETED and logits.dtype == torch.bfloat16, **meta)

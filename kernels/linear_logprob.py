@@ -16,14 +16,14 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from ._utils import logits_tile, swizzle
+from ._utils import logits_tile, process_logits, swizzle
 
 
 @triton.jit
 def _linear_logprob_fwd_kernel(
     hidden, weight, bias, rows, targets, lse_part, target_logit,
-    T, V, H, split_v, num_splits, stride_h, stride_w, t_bucket,
-    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    T, V, H, split_v, num_splits, stride_h, stride_w, t_bucket, logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_B: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -44,6 +44,7 @@ def _linear_logprob_fwd_kernel(
         vmask = offs_v < v_end
         logits = logits_tile(hidden, weight, bias, row, bmask, offs_v, vmask, H, stride_h, stride_w,
                              HAS_BIAS, DOT_F32, PRECISION, BLOCK_B, BLOCK_V, BLOCK_D)
+        logits, _ = process_logits(logits, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         tgt += tl.sum(tl.where(offs_v[None, :] == target[:, None], logits, 0.0), axis=1)
         logits = tl.where(vmask[None, :], logits, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))  # finite: every tile has a column
@@ -79,10 +80,15 @@ def linear_logprob_fwd(
     rows: torch.Tensor,
     targets: torch.Tensor,
     *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
     config: dict | None = None,
     split_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (logp [T], lse [T]), fp32, of log_softmax(hidden[rows] @ weight^T + bias)[targets].
+    """Per-token (logp [T], lse [T]), fp32, of log_softmax(logits)[targets], logits the post-processed
+    z = hidden[rows] @ weight^T + bias (`_utils.process_logits`: softcap * tanh(logit_scale * z / softcap)
+    / temperature), transformed in registers, tile by tile.
 
     hidden [N, H] and weight [V, H] (fp32, bf16 or fp16, one dtype), bias [V] or None; rows [T] and
     targets [T] int64, already range-checked by the caller. `config` (BLOCK_B, BLOCK_V, BLOCK_D,
@@ -101,9 +107,11 @@ def linear_logprob_fwd(
         num_splits = triton.cdiv(V, split_v)
     lse_part = torch.empty(num_splits, T, dtype=torch.float32, device=hidden.device)
     target_logit = torch.empty(T, dtype=torch.float32, device=hidden.device)
+    post = _utils.logit_args(logit_scale, softcap, temperature)
     args = (hidden, weight, bias, rows, targets, lse_part, target_logit,
-            T, V, H, split_v, num_splits, hidden.stride(0), weight.stride(0), _utils.size_bucket(T))
-    flags = dict(HAS_BIAS=bias is not None, DOT_F32=_utils.INTERPRETED,
+            T, V, H, split_v, num_splits, hidden.stride(0), weight.stride(0), _utils.size_bucket(T),
+            post["logit_scale"], post["softcap"], post["inv_temperature"])
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=post["HAS_SOFTCAP"], DOT_F32=_utils.INTERPRETED,
                  PRECISION=_utils.dot_precision(hidden.dtype))
     if config is None and not _utils.INTERPRETED:
         def grid(meta):

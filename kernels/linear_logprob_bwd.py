@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from ._utils import logits_tile, swizzle
+from ._utils import logits_tile, process_logits, swizzle
 from .linear_logprob import check_inputs
 
 FILTERS = {"off": 0, "exact": 1, "cce": 2}
@@ -33,9 +33,10 @@ FILTERS = {"off": 0, "exact": 1, "cce": 2}
 @triton.jit
 def _linear_logprob_bwd_kernel(
     hidden, weight, bias, rows, targets, lse, coef, grad_hidden, grad_weight, grad_bias,
-    T, V, H, stride_h, stride_w, filter_eps, t_bucket,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_HIDDEN: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr,
-    HAS_GRAD_BIAS: tl.constexpr, FILTER: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    T, V, H, stride_h, stride_w, filter_eps, t_bucket, logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_HIDDEN: tl.constexpr,
+    HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr, FILTER: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_B: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -52,9 +53,10 @@ def _linear_logprob_bwd_kernel(
 
     logits = logits_tile(hidden, weight, bias, row, bmask, offs_v, vmask, H, stride_h, stride_w,
                          HAS_BIAS, DOT_F32, PRECISION, BLOCK_B, BLOCK_V, BLOCK_D)
+    logits, dz = process_logits(logits, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
     prob = tl.exp(logits - lse_b[:, None])
     dlogp = tl.where(offs_v[None, :] == target[:, None], 1.0 - prob, -prob)  # d logp / d logit
-    dlogp = tl.where(bmask[:, None] & vmask[None, :], dlogp, 0.0)
+    dlogp = tl.where(bmask[:, None] & vmask[None, :], dlogp * dz, 0.0)  # ... / d z (the post-processing)
     if FILTER == 2:
         if tl.max(tl.abs(dlogp)) < filter_eps:
             return
@@ -111,13 +113,18 @@ def linear_logprob_bwd(
     *,
     need: tuple[bool, bool, bool] = (True, True, True),
     grad_filter: str = "exact",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
     config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """fp32 (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) of sum_t coef[t] * logp[t].
 
-    lse [T] fp32 from `linear_logprob_fwd`; coef [T] fp32. `need` (hidden, weight, bias) selects the
-    gradients (None for the others, and for bias when there is none). `grad_filter`: exact | cce | off
-    (module docstring). `config` overrides the block sizes as in `linear_logprob_fwd`.
+    lse [T] fp32 from `linear_logprob_fwd` with the same logit options (logit_scale, softcap,
+    temperature: the post-processing, whose derivative multiplies each tile); coef [T] fp32. `need`
+    (hidden, weight, bias) selects the gradients (None for the others, and for bias when there is none).
+    `grad_filter`: exact | cce | off (module docstring). `config` overrides the block sizes as in
+    `linear_logprob_fwd`.
     """
     check_inputs(hidden, weight, bias, rows, targets)
     if grad_filter not in FILTERS:
@@ -138,11 +145,13 @@ def linear_logprob_bwd(
     if T == 0 or all(g is None for g in grads):
         return grads
     dummy = torch.zeros(1, **f32)  # stands in for an unneeded output (never written)
+    post = _utils.logit_args(logit_scale, softcap, temperature)
     args = (hidden, weight, bias, rows, targets, lse, coef, *(dummy if g is None else g for g in grads),
             T, V, H, hidden.stride(0), weight.stride(0), torch.finfo(hidden.dtype).eps / 32,
-            _utils.size_bucket(T))
-    flags = dict(HAS_BIAS=bias is not None, HAS_GRAD_HIDDEN=grads[0] is not None,
-                 HAS_GRAD_WEIGHT=grads[1] is not None, HAS_GRAD_BIAS=grads[2] is not None,
+            _utils.size_bucket(T), post["logit_scale"], post["softcap"], post["inv_temperature"])
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=post["HAS_SOFTCAP"],
+                 HAS_GRAD_HIDDEN=grads[0] is not None, HAS_GRAD_WEIGHT=grads[1] is not None,
+                 HAS_GRAD_BIAS=grads[2] is not None,
                  FILTER=FILTERS[grad_filter], DOT_F32=_utils.INTERPRETED,
                  PRECISION=_utils.dot_precision(hidden.dtype))
     if config is None and not _utils.INTERPRETED:
