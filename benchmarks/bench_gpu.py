@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve()
 # Run in this order: the essential ones first, torch.compile (the slowest to warm up) last.
 PROVIDERS = ["floor", "triton_chunked", "triton_fused", "eager", "triton_cce", "liger", "cce",
              "torch_compile"]
-# The triton providers' strategy (triton_impl.STRATEGY); None: the backend's default.
+# The triton providers' strategy (aft_fast.ops.triton_backend.STRATEGY); None: the backend's default.
 TRITON_STRATEGY = {"triton": None, "triton_chunked": "chunked", "triton_fused": "fused",
                    "triton_cce": "fused"}
 MODES = ["fwd_bwd", "fwd"]
@@ -122,7 +122,7 @@ def build_call(provider: str, batch: dict, mode: str):
 
     if provider in TRITON_STRATEGY:
         import aft_fast
-        from aft_fast.losses import triton_impl
+        from aft_fast.ops import triton_backend as triton_impl
 
         triton_impl.GRAD_FILTER = "cce" if provider == "triton_cce" else "exact"
         triton_impl.STRATEGY = TRITON_STRATEGY[provider] or triton_impl.STRATEGY
@@ -190,7 +190,7 @@ def worker(args) -> None:
     times = _common.time_call(call, repeats=args.repeats, warmup=0, sync=sync)
     notes = _tuned_configs() if args.provider.startswith("triton") and cuda else ""
     if args.provider in TRITON_STRATEGY and cuda:
-        from aft_fast.losses import triton_impl
+        from aft_fast.ops import triton_backend as triton_impl
         from aft_fast.ops import triton_chunks
 
         if triton_impl.STRATEGY == "chunked":

@@ -187,7 +187,7 @@ def test_linear_logprob_keep_probs(backend, keep, scale):
 
 
 def test_keep_probs_budget_counts_whole_chunks():
-    from aft_fast.losses.chunked import kept_chunks
+    from aft_fast.ops.chunk_loop import kept_chunks
 
     V, T, c = 100, 95, 10
     per_chunk = c * (2 * V + 4)

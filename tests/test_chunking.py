@@ -6,9 +6,9 @@ import types
 
 import torch
 
-from aft_fast.losses import chunked
+from aft_fast.losses.group_objective import TorchObjective
 from aft_fast.losses.objectives import LossConfig, build_plan
-from aft_fast.ops import torch_chunks
+from aft_fast.ops import chunk_loop, torch_chunks
 from tests.conftest import make_problem
 
 
@@ -30,20 +30,21 @@ def _run(p, chunk_size):
     prims, calls = _counting_prims()
     counts = torch.bincount(p.segments, minlength=p.group.numel()).float()
     plan = build_plan(p.group, p.label, p.is_reference, counts)
-    result = chunked.aft_forward(prims, p.hidden, p.weight, None, p.rows, p.targets, p.segments, counts, plan,
-                                 LossConfig(), None, (True, True, False), chunk_size)
+    result = chunk_loop.aft_forward(prims, p.hidden, p.weight, None, p.rows, p.targets, p.segments, counts,
+                                    plan, LossConfig(), None, (True, True, False), chunk_size,
+                                    objective=TorchObjective)
     return result, calls
 
 
 def test_pack_groups_keeps_groups_whole():
     expected = [(0, 2, 0, 7), (2, 3, 7, 9), (3, 4, 9, 18), (4, 5, 18, 19)]
-    assert chunked._pack_groups([3, 4, 2, 9, 1], 8) == expected
+    assert chunk_loop._pack_groups([3, 4, 2, 9, 1], 8) == expected
 
 
 def test_default_chunk_grows_to_hold_the_largest_group():
     # V = 200k: the 64 MiB default would be 64 tokens, smaller than these ~150-token groups.
     p = make_problem(seed=0, vocab=200_000, hidden_size=4, members=[[40, 30, 35], [50, 20, 45, 30]])
-    assert chunked.default_chunk_size(200_000, p.rows.numel()) < 150
+    assert chunk_loop.default_chunk_size(200_000, p.rows.numel()) < 150
     result, calls = _run(p, None)
     assert calls["logprob"] == calls["grad"]  # every chunk held whole groups: one pass each
     small, small_calls = _run(p, 32)
@@ -56,4 +57,4 @@ def test_default_chunk_grows_to_hold_the_largest_group():
 
 def test_chunks_are_capped_by_memory():
     V = 1_000_000
-    assert chunked.group_chunk_size(V, 10_000, 5_000) * V * 4 <= chunked.MAX_CHUNK_BYTES
+    assert chunk_loop.group_chunk_size(V, 10_000, 5_000) * V * 4 <= chunk_loop.MAX_CHUNK_BYTES

@@ -75,11 +75,11 @@ def test_linear_logprob_products_and_largest_allocation(backend):
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_keep_probs_stays_within_its_budget(backend):
-    from aft_fast.losses import backends
+    from aft_fast.ops.dispatch import get_backend
 
     hidden, weight, kw = _logprob_inputs()
     per_chunk = CHUNK * (2 * V + 4)  # fp16 probabilities and an fp32 scale a token
-    impl = backends.get(backend)
+    impl = get_backend(backend)
     for budget, expect in ((0, 0), (per_chunk - 1, 0), (5 * per_chunk + 7, 5), (10**15, T // CHUNK)):
         _, _, kept = impl.logprob_forward(hidden.detach(), weight.detach(), None, kw["rows"], kw["targets"],
                                           CHUNK, budget)
@@ -110,22 +110,18 @@ def test_linear_logprob_skips_tokens_without_gradient(backend, keep):
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_keep_probs_keeps_nothing_without_a_backward(backend, monkeypatch):
     """Under no_grad (scoring, sampling) keep_probs has no backward to serve: nothing is kept."""
-    from aft_fast.losses import backends, chunked
+    from aft_fast.ops import chunk_loop
 
     budgets = []
-    forward = chunked.logprob_forward
+    forward = chunk_loop.logprob_forward
 
     def spy(*args, **kw):
         budgets.append(args[-1] if len(args) > 7 else kw.get("keep_bytes", 0))
         return forward(*args, **kw)
 
-    monkeypatch.setattr(chunked, "logprob_forward", spy)
-    backends.get.cache_clear()  # its partials bind chunked.logprob_forward when built
-    try:
-        hidden, weight, kw = _logprob_inputs()
-        with torch.no_grad():
-            aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK, keep_probs=True)
+    monkeypatch.setattr(chunk_loop, "logprob_forward", spy)  # ChunkedBackend looks it up at each call
+    hidden, weight, kw = _logprob_inputs()
+    with torch.no_grad():
         aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK, keep_probs=True)
-    finally:
-        backends.get.cache_clear()
+    aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK, keep_probs=True)
     assert budgets[0] == 0 and budgets[1] > 0

@@ -166,7 +166,7 @@ def _segment_problem(seed: int, ranked: bool, members=None):
 @pytest.mark.parametrize("mode", MODES)
 def test_group_loss_kernel(mode, ranked):
     """Loss parts and d(loss)/d(sums) of the kernel path against autograd through the reference."""
-    from aft_fast.losses.triton_impl import objective_with_grad
+    from aft_fast.ops.triton_backend import objective_with_grad
 
     p, sums, counts = _segment_problem(21 + ranked, ranked)
     cfg = LossConfig(mode=mode, beta=0.3, w_vft=0.7, w_align=1.3, dpo_beta=0.2, pro_tau=0.8)
@@ -192,7 +192,7 @@ def test_group_loss_kernel(mode, ranked):
 @pytest.mark.parametrize("mode", ["bcl", "dpo+bc", "pro+bc", "rrhf", "dcl", "align"])
 def test_group_loss_kernel_pair_blocks(mode):
     """Groups with more pairs than one block (BLOCK_P = 2 and 4): the online log-sum-exp across blocks."""
-    from aft_fast.losses.triton_impl import group_csr, group_loss_fwd
+    from aft_fast.ops.triton_backend import group_csr, group_loss_fwd
 
     members = [[2, 3, 1, 4, 2, 2, 3, 1, 2, 5, 1, 2], [3, 1, 2], [1, 1]]  # 12 ranked candidates: many pairs
     p, sums, counts = _segment_problem(31, True, members=members)
@@ -287,7 +287,7 @@ def test_linear_logprob_keep_probs(monkeypatch, dtype, keep):
     whose upstream gradient is nonzero, and the kept ones go through the chunk engine in slices of 16
     rows. Sums and gradients match the reference (bias, rows repeated by prompt sharing, a zero upstream
     gradient on every fourth segment)."""
-    from aft_fast.losses import triton_impl
+    from aft_fast.ops import triton_backend
     from aft_fast.ops import triton_chunks as tc
 
     p = make_problem(seed=45, bias=True).to(DEVICE)
@@ -300,13 +300,13 @@ def test_linear_logprob_keep_probs(monkeypatch, dtype, keep):
     upstream = torch.randn(S, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     upstream[::4] = 0.0
     fused_tokens = []
-    fused_bwd = triton_impl.linear_logprob_bwd
+    fused_bwd = triton_backend.linear_logprob_bwd
 
     def counting(hidden, weight, bias, rows, *args, **kw):
         fused_tokens.append(rows.numel())
         return fused_bwd(hidden, weight, bias, rows, *args, **kw)
 
-    monkeypatch.setattr(triton_impl, "linear_logprob_bwd", counting)
+    monkeypatch.setattr(triton_backend, "linear_logprob_bwd", counting)
 
     def run(fn, prob, **extra):
         h, w, b = (t.detach().clone().requires_grad_() for t in (prob.hidden, prob.weight, prob.bias))
@@ -421,7 +421,7 @@ def test_chunk_engine(dtype, need):
     """triton_chunks.Chunks on two chunks whose live rows are a prefix (25 of 30, 12 of 17): the sums,
     and the fp32 gradients of sum(coef * logp) over the live rows only, against the reference. Rows
     repeat inside a chunk; the first chunk writes the uninitialized grad_weight, the second adds."""
-    from aft_fast.losses.chunked import Grads
+    from aft_fast.ops.chunk_loop import Grads
     from aft_fast.ops.triton_chunks import Chunks
 
     (hidden, weight, b), rows, targets, coef = _token_problem(dtype, bias=True, seed=3)
@@ -486,16 +486,17 @@ def _expected_live(p, mode: str) -> set[int]:
 def test_chunk_plan_whole_groups_live_rows_first(mode):
     """The chunk plan of engines that skip dead rows: a permutation of the tokens; units of whole groups,
     at most a chunk each unless a single group; each unit's live tokens (those of live segments) first."""
-    from aft_fast.losses import chunked
+    from aft_fast.losses.group_objective import live_segments
+    from aft_fast.ops.chunk_loop import plan_chunks
 
     p = make_problem(seed=11, ranked=True)
     S = p.group.numel()
     counts = torch.bincount(p.segments, minlength=S).float()
     plan = build_plan(p.group, p.label, p.is_reference, counts)
-    live_seg = chunked.live_segments(plan, LossConfig(mode=mode), S)
+    live_seg = live_segments(plan, LossConfig(mode=mode), S)
     assert set(torch.nonzero(live_seg).flatten().tolist()) == _expected_live(p, mode)
 
-    order, units, chunk = chunked.plan_chunks(plan, p.segments, 12, None, live_seg)
+    order, units, chunk = plan_chunks(plan, p.segments, 12, None, live_seg)
     assert chunk == 12 and sorted(order.tolist()) == list(range(p.rows.numel()))
     all_groups = plan.seg_group[p.segments]
     tok_group = all_groups[order]
@@ -530,10 +531,10 @@ def test_chunked_single_pass_unless_a_group_exceeds_the_cap(monkeypatch, cap_row
     """chunk_size None with a small byte budget (20 logit rows, grown up to cap_rows for a large group):
     the groups (19, 16, 13, 10 and 35 tokens) are scored in one pass each when the largest fits under the
     cap, and only the 35-token group is recomputed when it does not. Both match the reference."""
-    from aft_fast.losses import triton_impl
+    from aft_fast.ops import triton_backend
     from aft_fast.ops import triton_chunks as tc
 
-    monkeypatch.setattr(triton_impl, "STRATEGY", "chunked")
+    monkeypatch.setattr(triton_backend, "STRATEGY", "chunked")
     p = make_problem(seed=12).to(DEVICE)
     row = p.weight.shape[0] * 4
     monkeypatch.setattr(tc, "CHUNK_BYTES", 20 * row)
@@ -568,9 +569,9 @@ def test_chunked_groups_packed_and_split(monkeypatch, mode, ranked, weights):
     """chunk_size 32 on groups of 19, 16, 13, 10 and 35 tokens: units of one group, of two groups, and
     the 35-token group split in two passes; dead rows (groups without pairs, dcl's j, references when
     w_vft = 0) skipped. Loss, scores and every gradient against the reference, fp32."""
-    from aft_fast.losses import triton_impl
+    from aft_fast.ops import triton_backend
 
-    monkeypatch.setattr(triton_impl, "STRATEGY", "chunked")
+    monkeypatch.setattr(triton_backend, "STRATEGY", "chunked")
     p = make_problem(seed=51 + ranked, ranked=ranked, bias=ranked).to(DEVICE)
     kw = {**_mode_kwargs(mode, p), **weights}
     ours = _run_api(aft_fast.aft_loss, p, backend="triton", chunk_size=32, **kw)
@@ -584,9 +585,9 @@ def test_chunked_groups_packed_and_split(monkeypatch, mode, ranked, weights):
 @pytest.mark.parametrize("mode", ["vft", "bcl", "dpo+bc", "pro+bc"])
 def test_fused_strategy(monkeypatch, mode):
     """The fused strategy (no [chunk, V] buffer, four products) still matches the reference in bf16."""
-    from aft_fast.losses import triton_impl
+    from aft_fast.ops import triton_backend
 
-    monkeypatch.setattr(triton_impl, "STRATEGY", "fused")
+    monkeypatch.setattr(triton_backend, "STRATEGY", "fused")
     p = make_problem(seed=61, ranked=True, bias=True).to(DEVICE)
     kw = _mode_kwargs(mode, p)
     low = p.to(dtype=torch.bfloat16)
@@ -596,7 +597,7 @@ def test_fused_strategy(monkeypatch, mode):
     for name, a, r, g in zip(["loss", "scores", "grad_hidden", "grad_weight", "grad_bias"], ours, ref, gold,
                              strict=True):
         _close_to_gold(a, r, g, ATOL[torch.bfloat16], name)
-    monkeypatch.setattr(triton_impl, "STRATEGY", "fast")
+    monkeypatch.setattr(triton_backend, "STRATEGY", "fast")
     with pytest.raises(ValueError, match="^AFT_FAST_TRITON_STRATEGY:"):
         aft_fast.aft_loss(low.hidden, low.weight, **low.index_kwargs(), backend="triton")
 
@@ -685,9 +686,9 @@ def _realistic_gold(low, kw) -> tuple[list, list]:
 def test_realistic_shape_bf16(monkeypatch, strategy):
     """bf16, H=4096, V=128256, T=8192 in groups of 6, each strategy: values and gradients within PyTorch's
     own bf16 error, and no [T, V] allocation (the reference needs several)."""
-    from aft_fast.losses import triton_impl
+    from aft_fast.ops import triton_backend
 
-    monkeypatch.setattr(triton_impl, "STRATEGY", strategy)
+    monkeypatch.setattr(triton_backend, "STRATEGY", strategy)
     p = _realistic_problem().to(DEVICE)
     kw = dict(mode="bcl", beta=1.0)
     low = p.to(dtype=torch.bfloat16)

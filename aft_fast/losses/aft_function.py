@@ -1,7 +1,8 @@
 """AFTLossFunction: the fused operator as one autograd Function.
 
 The loss is a scalar, so its gradients are formed during forward (chunk by chunk, see
-`chunked.py`) and backward only scales them by the incoming gradient.
+aft_fast/ops/chunk_loop.py) and backward only scales them by the incoming gradient. The backend runs the
+chunks; this layer brings the plan, the options and the group loss (aft_fast/losses/group_objective.py).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from aft_fast.losses import backends
+from aft_fast.losses.group_objective import TorchObjective, live_segments
 from aft_fast.losses.objectives import LossConfig, build_plan
+from aft_fast.ops.dispatch import get_backend
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,11 @@ class AFTLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, inputs: AFTInputs):
         counts = inputs.counts.to(torch.float32)
         plan = build_plan(inputs.group, inputs.label, inputs.is_reference, inputs.counts)
-        result = backends.get(inputs.backend).aft_forward(
+        need = tuple(ctx.needs_input_grad[:3])
+        result = get_backend(inputs.backend).aft_forward(
             hidden, weight, bias, inputs.rows, inputs.targets, inputs.segments, counts, plan,
-            inputs.cfg, inputs.ref_logp, tuple(ctx.needs_input_grad[:3]), inputs.chunk_size,
+            inputs.cfg, inputs.ref_logp, need, inputs.chunk_size, objective=TorchObjective,
+            live_seg=live_segments(plan, inputs.cfg, counts.numel()) if any(need) else None,
         )
         scores = result.sums / counts
         ctx.save_for_backward(*result.grads)

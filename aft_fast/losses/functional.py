@@ -1,4 +1,4 @@
-"""The public functional API (DESIGN.md section 3): `aft_loss` and `linear_logprob`.
+"""The public functional API (docs/design.md, "Operator contract"): `aft_loss` and `linear_logprob`.
 
 Shapes: N hidden rows, H hidden size, V vocab, T scored tokens, S segments (a segment is one
 candidate chain or one reference chain; a group is one question's segments).
@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from aft_fast.losses import checks
-from aft_fast.losses.aft_loss import AFTInputs, AFTLossFunction
-from aft_fast.losses.chunked import default_chunk_size
+from aft_fast.losses.aft_function import AFTInputs, AFTLossFunction
 from aft_fast.losses.linear_logprob import LinearLogProbFunction, LogProbInputs
 from aft_fast.losses.objectives import LossConfig
+from aft_fast.ops.chunk_loop import default_chunk_size
 from aft_fast.ops.dispatch import resolve_backend
 from aft_fast.outputs import AFTOutput
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aft_fast.losses import backends
+from aft_fast.ops.dispatch import get_backend
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class LogProbInputs:
 class LinearLogProbFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, inputs: LogProbInputs):
-        impl = backends.get(inputs.backend)
+        impl = get_backend(inputs.backend)
         logp, lse, kept = impl.logprob_forward(hidden, weight, bias, inputs.rows, inputs.targets,
                                                inputs.chunk_size, inputs.keep_bytes)
         sums = torch.zeros(inputs.num_segments, dtype=torch.float32, device=hidden.device)
@@ -44,7 +44,7 @@ class LinearLogProbFunction(torch.autograd.Function):
     def backward(ctx, grad_sums):
         hidden, weight, bias, lse, logp, *kept = ctx.saved_tensors
         inputs: LogProbInputs = ctx.inputs
-        impl = backends.get(inputs.backend)
+        impl = get_backend(inputs.backend)
         coef = grad_sums.float()[inputs.segments]
         grads = impl.logprob_backward(
             hidden, weight, bias, inputs.rows, inputs.targets, lse, coef,

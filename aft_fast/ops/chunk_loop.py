@@ -1,4 +1,5 @@
-"""The chunk loop of the fused operator (DESIGN.md section 3), shared by the chunked backends.
+"""The chunk loop of the fused operator (docs/design.md, "Operator contract"), shared by the chunked
+backends, and `ChunkedBackend`, the `Backend` that runs it over a module of chunk primitives.
 
 An engine runs one chunk of scored tokens at a time through one reused [chunk, V] buffer; nothing of
 size [T, V] is ever allocated:
@@ -16,18 +17,20 @@ module may also bring its sizing, `chunk_size(V, T, largest_group, dtype)`.
 `aft_forward` orders the scored tokens by group and packs whole groups into chunks. For such a chunk
 the group loss, and so each token's d(loss)/d(logp), is known as soon as its log-probs are: the
 gradient is formed in the same pass (three matrix products). A group larger than a chunk is split
-and takes a second, recomputing pass (four products). The group loss of a chunk is pluggable too:
-`TorchObjective` (autograd on the plan's slice) or the triton backend's group-loss kernel.
+and takes a second, recomputing pass (four products). The group loss of a chunk comes from the caller
+(`aft_fast.ops.backend.GroupObjective`): the loss layer's autograd on the plan's slice
+(`aft_fast.losses.group_objective.TorchObjective`) or the triton backend's group-loss kernel.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from aft_fast.losses.objectives import GroupPlan, LossConfig, objective
+from aft_fast.ops.backend import AFTResult, ChunkPrims, Need, ObjectiveFactory
 
 # One [chunk, V] fp32 buffer of about this many bytes (64 MiB: 512 tokens at V = 32000) ...
 CHUNK_BYTES = 64 * 2**20
@@ -209,15 +212,6 @@ def _take(t: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
     return t if pick is None else t.index_select(0, pick)
 
 
-@dataclass
-class AFTResult:
-    loss: torch.Tensor
-    vft: torch.Tensor
-    align: torch.Tensor
-    sums: torch.Tensor
-    grads: tuple  # (grad_hidden, grad_weight, grad_bias) for d(loss) = 1, in the inputs' dtypes
-
-
 def _pack_groups(group_tokens: list[int], chunk_size: int) -> list[tuple[int, int, int, int]]:
     """Greedy runs of whole groups of at most chunk_size tokens: (group0, group1, token0, token1)."""
     units, g0, t0, tokens = [], 0, 0, 0
@@ -243,22 +237,7 @@ class Unit:
     live: int
 
 
-def live_segments(plan: GroupPlan, cfg: LossConfig, num_segments: int) -> torch.Tensor:
-    """[S] bool: the segments whose d(loss)/d(sum) can be nonzero, from labels alone. A superset: a
-    segment marked False has an exactly zero gradient (references when w_vft = 0, candidates in groups
-    without pairs or in mode vft, and in dcl the candidates that only ever play j, whose score is
-    detached)."""
-    live = torch.zeros(num_segments, dtype=torch.bool, device=plan.seg_group.device)
-    if cfg.w_vft != 0 and plan.ref_tokens:
-        live[plan.ref_seg] = True
-    if cfg.mode != "vft" and cfg.w_align != 0 and plan.num_valid:
-        live[plan.pair_i] = True
-        if cfg.base != "dcl":
-            live[plan.pair_j] = True
-    return live
-
-
-def plan_chunks(plan: GroupPlan, segments: torch.Tensor, chunk_size: int | None, sizing, live_seg=None):
+def plan_chunks(plan: Any, segments: torch.Tensor, chunk_size: int | None, sizing, live_seg=None):
     """(order [T], units, chunk_size): the scored tokens ordered by group, whole groups packed into units.
 
     chunk_size None: sizing(largest group's token count). With live_seg [S] (engines that skip dead
@@ -286,41 +265,18 @@ def plan_chunks(plan: GroupPlan, segments: torch.Tensor, chunk_size: int | None,
     return torch.argsort(key, stable=True), units, chunk_size
 
 
-class TorchObjective:
-    """The group loss of a unit as `objectives.objective` on its slice of the plan, d(loss)/d(sums) by
-    autograd (the CPU backends). unit() returns that [S] gradient, or None when nothing in the unit's
-    groups reaches the loss; result() the totals (loss, L_vft, L_align)."""
-
-    def __init__(self, counts, plan: GroupPlan, cfg: LossConfig, ref_logp, need_grad: bool):
-        self.counts, self.plan, self.cfg, self.ref_logp = counts, plan, cfg, ref_logp
-        self.need_grad = need_grad
-        self.total = [torch.zeros((), dtype=torch.float32, device=counts.device) for _ in range(3)]
-
-    def unit(self, sums: torch.Tensor, g0: int, g1: int) -> torch.Tensor | None:
-        with torch.enable_grad():
-            leaf = sums.detach().requires_grad_(self.need_grad)
-            parts = objective(leaf, self.counts, self.plan.slice_groups(g0, g1), self.cfg, self.ref_logp)
-        for acc, part in zip(self.total, parts, strict=True):
-            acc += part.detach()
-        if not (self.need_grad and parts[0].requires_grad):
-            return None  # nothing in these groups reaches the loss: skip the two gradient products
-        (dsum,) = torch.autograd.grad(parts[0], leaf)
-        return dsum
-
-    def result(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(self.total)
-
-
 def aft_forward(
-    prims, hidden, weight, bias, rows, targets, segments, counts, plan: GroupPlan, cfg: LossConfig,
-    ref_logp, need: tuple[bool, bool, bool], chunk_size: int | None, *, objective=None,
+    prims, hidden, weight, bias, rows, targets, segments, counts, plan: Any, cfg: Any,
+    ref_logp, need: Need, chunk_size: int | None, *, objective: ObjectiveFactory, live_seg=None,
 ) -> AFTResult:
     """Loss, its parts, per-segment sums, and (when `need`) the gradients, all in one call.
 
     prims: chunk primitives (`chunk_logprob`, `chunk_grad`, run by `_Chunks`) or a module with its own
     engine `Chunks` and sizing `chunk_size(V, T, largest_group, dtype)` (aft_fast.ops.triton_chunks).
     chunk_size None: the prims' sizing (`group_chunk_size` by default), so that chunks hold whole groups
-    where memory allows. objective: the per-unit group loss (default `TorchObjective`).
+    where memory allows. objective: builds the per-unit group loss (`GroupObjective`). live_seg [S] bool:
+    the segments whose gradient can be nonzero; engines that skip dead rows (SKIP_DEAD) order the others
+    last in their chunk.
     """
     engine = getattr(prims, "Chunks", _Chunks)
     vocab, tokens = weight.shape[0], rows.numel()
@@ -330,14 +286,14 @@ def aft_forward(
             return group_chunk_size(vocab, tokens, largest)
     else:
         sizing = functools.partial(sizing, vocab, tokens, dtype=weight.dtype)
-    live_seg = live_segments(plan, cfg, counts.numel()) if engine.SKIP_DEAD and any(need) else None
+    live_seg = live_seg if engine.SKIP_DEAD and any(need) else None
     order, units, chunk_size = plan_chunks(plan, segments, chunk_size, sizing, live_seg)
     rows, targets, segments = rows[order], targets[order], segments[order]
 
     chunks = _engine(prims, hidden, weight, bias, chunk_size)
     grads = Grads(*chunks.make_grads(need))
     sums = torch.zeros(counts.numel(), dtype=torch.float32, device=hidden.device)
-    loss_fn = (objective or TorchObjective)(counts, plan, cfg, ref_logp, grads.any)
+    loss_fn = objective(counts, plan, cfg, ref_logp, grads.any)
 
     state = None
     for unit in units:
@@ -362,3 +318,25 @@ def aft_forward(
     del chunks, state  # free the [chunk, V] buffer before the gradients are cast
     loss, vft, align = loss_fn.result(sums)
     return AFTResult(loss, vft, align, sums=sums, grads=grads.cast_like(hidden, weight, bias))
+
+
+class ChunkedBackend:
+    """The `Backend` of a module of chunk primitives (`ChunkPrims`: torch_chunks, cpp_chunks) run by the
+    chunk loop above."""
+
+    def __init__(self, prims: ChunkPrims):
+        self.prims = prims
+
+    def logprob_forward(self, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0):
+        return logprob_forward(self.prims, hidden, weight, bias, rows, targets, chunk_size, keep_bytes)
+
+    def logprob_backward(self, hidden, weight, bias, rows, targets, lse, coef, need: Need, chunk_size: int,
+                         logp=None, kept=()):
+        return logprob_backward(self.prims, hidden, weight, bias, rows, targets, lse, coef, need, chunk_size,
+                                logp=logp, kept=kept)
+
+    def aft_forward(self, hidden, weight, bias, rows, targets, segments, counts, plan, cfg, ref_logp,
+                    need: Need, chunk_size: int | None, *, objective: ObjectiveFactory,
+                    live_seg=None) -> AFTResult:
+        return aft_forward(self.prims, hidden, weight, bias, rows, targets, segments, counts, plan, cfg,
+                           ref_logp, need, chunk_size, objective=objective, live_seg=live_seg)

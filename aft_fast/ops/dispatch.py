@@ -1,15 +1,19 @@
-"""Which backend runs a call: `auto` takes triton for CUDA tensors, cpp on the CPU when built,
-else torch; an explicit choice that cannot run on the given tensors is a ValueError."""
+"""Which backend runs a call, in one place: `resolve_backend` turns `auto` into triton for CUDA tensors,
+cpp on the CPU when built, else torch (an explicit choice that cannot run on the given tensors is a
+ValueError); `get_backend` gives the `Backend` of a resolved name."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
 
 import torch
 
-from aft_fast.ops import cpp_chunks
+from aft_fast.ops import cpp_chunks, torch_chunks
+from aft_fast.ops.backend import Backend
+from aft_fast.ops.chunk_loop import ChunkedBackend
 
 _warned = False
 
@@ -51,3 +55,17 @@ def resolve_backend(name: str, device: torch.device) -> str:
         raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the "
                          f"triton package; got tensors on {device}")
     return name
+
+
+@functools.cache
+def get_backend(name: str) -> Backend:
+    """The `Backend` of a resolved name (torch, cpp, triton); triton's is imported on first use."""
+    if name == "torch":
+        return ChunkedBackend(torch_chunks)
+    if name == "cpp":
+        return ChunkedBackend(cpp_chunks)
+    if name == "triton":
+        from aft_fast.ops.triton_backend import TritonBackend
+
+        return TritonBackend()
+    raise ValueError(f"backend: unknown backend {name!r}")

@@ -1,9 +1,10 @@
-"""The `triton` backend of the fused operators (see `backends.py` for the three functions).
+"""The `triton` backend of the fused operators: `TritonBackend`, the three functions of
+`aft_fast.ops.backend.Backend`, and the host code around the Triton kernels (kernels/).
 
 `aft_forward` has two strategies, picked by STRATEGY (the environment variable AFT_FAST_TRITON_STRATEGY
 sets it at import; the benchmark sets the attribute):
 
-"chunked" (default): the chunk loop of `chunked.py` with the engine of `aft_fast.ops.triton_chunks`.
+"chunked" (default): the chunk loop of `chunk_loop.py` with the engine of `aft_fast.ops.triton_chunks`.
 Chunks hold whole groups (a 512 MiB logits buffer in the input dtype, grown to 1 GiB for a large
 group), so each chunk's group loss, and with it every token's d(loss)/d(logp), is known once its
 log-probs are, and the gradient is formed in the same pass: three cuBLAS products per chunk (logits,
@@ -19,12 +20,12 @@ and gradients is O(T) whatever the size of the batch (`chunk_size` is ignored). 
     segment sums         index_add over tokens, then L_vft on the host (tiny)
     group_loss_fwd       every group's loss and d(loss)/d(sum), one program per group
     linear_logprob_bwd   recomputed logits -> grad_hidden, grad_weight, grad_bias (three products)
-Tokens whose d(loss)/d(logp) is zero (groups without pairs, candidates in mode vft) are dropped
-before the backward launch, as STYLE.md asks for ignored tokens. `linear_logprob` runs these fused
-kernels too (its gradient is only known after the caller's loss: four products), except for the tokens
-whose logits keep_probs keeps: those take the chunked strategy's cuBLAS products and row kernels, their
-logits computed once in forward and kept in the input dtype, so backward does two products for them
-(see `logprob_forward`).
+Tokens whose d(loss)/d(logp) is zero (groups without pairs, candidates in mode vft) are dropped before the
+backward launch, as for every ignored token (docs/design.md, "Operator contract"). `linear_logprob` runs
+these fused kernels too (its gradient is only known after the caller's loss: four products), except for
+the tokens whose logits keep_probs keeps: those take the chunked strategy's cuBLAS products and row
+kernels, their logits computed once in forward and kept in the input dtype, so backward does two products
+for them (see `logprob_forward`).
 
 The chunked strategy does three products where the fused one does four (its floor is 4/3 of the
 matmul floor), runs them in cuBLAS, and adds memory-bound passes of ~6 bytes per bf16 logit; so it is
@@ -39,7 +40,7 @@ at import.
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
+from typing import Any
 
 import torch
 import triton
@@ -49,10 +50,9 @@ from aft_fast.kernels.chunk_softmax import chunk_softmax_fwd
 from aft_fast.kernels.group_loss import group_loss_fwd
 from aft_fast.kernels.linear_logprob import check_inputs, linear_logprob_fwd
 from aft_fast.kernels.linear_logprob_bwd import linear_logprob_bwd
-from aft_fast.losses import chunked
-from aft_fast.losses.chunked import AFTResult, Grads
-from aft_fast.losses.objectives import GroupPlan, LossConfig
-from aft_fast.ops import triton_chunks
+from aft_fast.ops import chunk_loop, triton_chunks
+from aft_fast.ops.backend import AFTResult, Need, ObjectiveFactory
+from aft_fast.ops.chunk_loop import Grads
 
 GRAD_FILTER: str = os.environ.get("AFT_FAST_GRAD_FILTER", "exact")
 STRATEGIES = ("chunked", "fused")
@@ -149,7 +149,7 @@ def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk
     return grads.cast_like(hidden, weight, bias)
 
 
-def group_csr(plan: GroupPlan, members: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def group_csr(plan: Any, members: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The plan as CSR by group: [G + 1] offsets into members, pairs and top-rank candidates.
 
     members: [S] bool, the segments listed as members (default: all). The plan's pair and top arrays
@@ -177,7 +177,7 @@ def group_csr(plan: GroupPlan, members: torch.Tensor | None = None) -> dict[str,
 
 
 def objective_with_grad(
-    sums: torch.Tensor, counts: torch.Tensor, plan: GroupPlan, cfg: LossConfig, ref_logp: torch.Tensor | None
+    sums: torch.Tensor, counts: torch.Tensor, plan: Any, cfg: Any, ref_logp: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, L_vft, L_align, d(loss)/d(sums) [S]) for sums [S] fp32: `objectives.objective` with its
     gradient, the align part computed by the group-loss kernel."""
@@ -200,13 +200,13 @@ def objective_with_grad(
 
 
 class GroupKernelObjective:
-    """The per-chunk objective of the chunked strategy (protocol of `chunked.TorchObjective`): the
-    group-loss kernel on the chunk's groups, writing their candidates' d(loss)/d(sum) into one [S]
-    buffer that already holds the references' constant -w_vft / ref_tokens; the losses are summed once
-    at the end. Block sizes are fixed once per call (one host sync), so a chunk launches one kernel and
-    syncs nothing."""
+    """The per-chunk objective of the chunked strategy (a `GroupObjective`, in the place of the loss
+    layer's `TorchObjective`): the group-loss kernel on the chunk's groups, writing their candidates'
+    d(loss)/d(sum) into one [S] buffer that already holds the references' constant -w_vft / ref_tokens;
+    the losses are summed once at the end. Block sizes are fixed once per call (one host sync), so a chunk
+    launches one kernel and syncs nothing."""
 
-    def __init__(self, counts, plan: GroupPlan, cfg: LossConfig, ref_logp, need_grad: bool):
+    def __init__(self, counts, plan: Any, cfg: Any, ref_logp, need_grad: bool):
         f32 = dict(dtype=torch.float32, device=counts.device)
         self.plan, self.cfg = plan, cfg
         self.counts = counts.to(torch.float32).contiguous()
@@ -249,20 +249,23 @@ class GroupKernelObjective:
 
 
 def aft_forward(
-    hidden, weight, bias, rows, targets, segments, counts, plan: GroupPlan, cfg: LossConfig,
-    ref_logp, need: tuple[bool, bool, bool], chunk_size: int | None,
+    hidden, weight, bias, rows, targets, segments, counts, plan: Any, cfg: Any,
+    ref_logp, need: Need, chunk_size: int | None, *, objective: ObjectiveFactory | None = None,
+    live_seg=None,
 ) -> AFTResult:
     """Loss, its parts, per-segment sums and (where `need`) the gradients for d(loss) = 1.
 
     STRATEGY "chunked": chunk_size None sizes the chunks by `triton_chunks.chunk_size`; "fused" ignores it.
+    The group loss is the group-loss kernel's in both (`objective`, the loss layer's, is not used).
     """
     if STRATEGY not in STRATEGIES:
         raise ValueError(f"AFT_FAST_TRITON_STRATEGY: expected one of {', '.join(STRATEGIES)}, "
                          f"got {STRATEGY!r}")
     if STRATEGY == "chunked":
         check_inputs(hidden, weight, bias, rows, targets)
-        return chunked.aft_forward(triton_chunks, hidden, weight, bias, rows, targets, segments, counts, plan,
-                                   cfg, ref_logp, need, chunk_size, objective=GroupKernelObjective)
+        return chunk_loop.aft_forward(triton_chunks, hidden, weight, bias, rows, targets, segments, counts,
+                                      plan, cfg, ref_logp, need, chunk_size, objective=GroupKernelObjective,
+                                      live_seg=live_seg)
     logp, lse, _ = logprob_forward(hidden, weight, bias, rows, targets, chunk_size)
     sums = torch.zeros(counts.numel(), dtype=torch.float32, device=hidden.device)
     sums.index_add_(0, segments, logp)
@@ -273,5 +276,20 @@ def aft_forward(
     return AFTResult(loss=loss, vft=vft, align=align, sums=sums, grads=grads)
 
 
-IMPL = SimpleNamespace(logprob_forward=logprob_forward, logprob_backward=logprob_backward,
-                       aft_forward=aft_forward)
+class TritonBackend:
+    """The `Backend` of this module's functions (looked up at call time: STRATEGY and GRAD_FILTER are
+    module attributes that a benchmark or a test may set)."""
+
+    def logprob_forward(self, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0):
+        return logprob_forward(hidden, weight, bias, rows, targets, chunk_size, keep_bytes)
+
+    def logprob_backward(self, hidden, weight, bias, rows, targets, lse, coef, need: Need, chunk_size: int,
+                         logp=None, kept=()):
+        return logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size, logp=logp,
+                                kept=kept)
+
+    def aft_forward(self, hidden, weight, bias, rows, targets, segments, counts, plan, cfg, ref_logp,
+                    need: Need, chunk_size: int | None, *, objective: ObjectiveFactory | None = None,
+                    live_seg=None) -> AFTResult:
+        return aft_forward(hidden, weight, bias, rows, targets, segments, counts, plan, cfg, ref_logp, need,
+                           chunk_size, objective=objective, live_seg=live_seg)

@@ -1,6 +1,6 @@
 """Chunk primitives of the triton backend's chunked strategy (CUDA; CPU tensors under the interpreter).
 
-The loop is `aft_fast.losses.chunked.aft_forward`, shared with the CPU backends; `Chunks` is its
+The loop is `aft_fast.ops.chunk_loop.aft_forward`, shared with the CPU backends; `Chunks` is its
 engine here. Per chunk of scored tokens (rows of `hidden`, in the input dtype throughout):
     h       = hidden[rows]                                    gather, input dtype      [c, H]
     buf     = h @ weight^T (+ bias)                           cuBLAS, input dtype      [c, V]
@@ -100,7 +100,7 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, ac
 
 
 class Chunks:
-    """The chunk engine of `chunked.aft_forward` for the triton backend (see the module docstring).
+    """The chunk engine of `chunk_loop.aft_forward` for the triton backend (see the module docstring).
 
     One instance per call: holds the inputs, one [chunk, V] buffer in the input dtype, and whether the
     fp32 grad_weight accumulator has been written yet (the first product overwrites it, so it is never
