@@ -2,7 +2,8 @@
 
 Build without isolation so that the installed torch is the one compiled against:
     pip install -e . --no-build-isolation
-Environment: CMAKE_BUILD_TYPE (Release), MAX_JOBS (all cores), AFT_FAST_CPU_CAPABILITY (AUTO).
+Environment: CMAKE_BUILD_TYPE (Release), MAX_JOBS (all cores). The CPU code paths are chosen at run
+time (CMakeLists.txt), so a build runs on any CPU of its architecture.
 Metadata lives in pyproject.toml.
 """
 
@@ -33,7 +34,6 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={config}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DCMAKE_INSTALL_PREFIX={out_dir}",
-            f"-DAFT_FAST_CPU_CAPABILITY={os.environ.get('AFT_FAST_CPU_CAPABILITY', 'AUTO')}",
         ]
         if shutil.which("ninja"):
             args.append("-GNinja")

@@ -75,9 +75,10 @@ def quantiles(values: list[float]) -> dict[str, float]:
     return {"p50": statistics.median(values), "p20": q[1], "p80": q[7]}
 
 
-def run_worker(script: Path, args: list[str], timeout: float) -> dict:
-    """Run `script --worker ...` in a fresh process; it prints one JSON line last."""
-    env = dict(os.environ, **WORKER_ENV)
+def run_worker(script: Path, args: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run `script --worker ...` in a fresh process (with `env` added to its environment); it prints one
+    JSON line last."""
+    env = dict(os.environ, **WORKER_ENV, **(env or {}))
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
     if proc.returncode != 0:
@@ -111,6 +112,32 @@ def environment() -> dict:
             pass
     return {"gpu": device, "torch": torch.__version__, "triton": triton_version, "git_sha": sha,
             "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def cpu_description() -> str:
+    """The CPU model and the SIMD features the C++ backend's levels need, from /proc/cpuinfo, e.g.
+    "AMD EPYC (family 25, model 17) x2; AVX2 yes, AVX-512 (f/bw/vl/dq) no"."""
+    fields, flags = {}, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "flags":
+                    flags = set(value.split())
+                    break
+                fields.setdefault(key, value.strip())
+    except OSError:
+        return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    name = fields.get("model name", platform.machine())
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+
+    def has(*features: str) -> str:
+        return "yes" if set(features) <= flags else "no"
+
+    return (f"{name} x{os.cpu_count()}; AVX2 {has('avx2', 'fma', 'f16c')}, "
+            f"AVX-512 (f/bw/vl/dq) {has('avx512f', 'avx512bw', 'avx512vl', 'avx512dq')}")
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:

@@ -3,7 +3,9 @@
 Providers, all on the same inputs in one run:
   eager   the unfused reference (full [T, V] logits, log_softmax, autograd): aft_fast.reference
   torch   aft_fast, backend="torch" (chunked pure PyTorch)
-  cpp     aft_fast, backend="cpp" (the C++ extension)
+  cpp     aft_fast, backend="cpp" (the C++ extension), its products by the library it picks at run time
+          (oneDNN where it runs, else ATen's mm: cpu_info()["gemm"])
+  cpp-aten  the same with AFT_FAST_CPU_GEMM=aten: ATen's mm (MKL), what a CPU without AVX-512 runs
   cpp-keep  linear_logprob only: backend="cpp", keep_probs=True (fp16 probabilities kept for backward:
           three products instead of four, T x V x 2 bytes more memory)
   cce     Cut Cross-Entropy's linear_cross_entropy (its CPU path: torch.compile), per-token log-probs
@@ -12,12 +14,14 @@ Providers, all on the same inputs in one run:
           scored as length-normalized chosen/rejected pairs, its own pairwise loss
   floor   the three [T,H]x[H,V]-sized matrix products alone (logits, grad_hidden, grad_weight), by
           torch.mm (MKL), as eager, cce and liger run them
-  floor-onednn  the same three products by oneDNN, the library the cpp backend's chunks use where
-          built with it (build_info()["gemm"]); ratios are to the faster of the two floors
+  floor-onednn  the same three products by oneDNN, where the cpp backend uses it; "vs matmul floor" is
+          to the faster of the two floors, "vs same-library floor" to the floor of the library that
+          ran the provider's products (column "products by")
 
 Default shape: T=4096 scored tokens in groups of k=6 candidates plus a reference chain, H=1024,
 V=32000, fp32. Reports the median time of forward+backward, the peak memory each adds over the
 inputs, its gradients included (see _common.py), and ratios to the matmul floor and to eager.
+The header names the CPU, its AVX2 / AVX-512 flags and the cpp backend's SIMD level and GEMM path.
 Writes benchmarks/results/bench_loss.{csv,md}.
 
     python benchmarks/bench_loss.py                      # default shape, all providers
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,7 +43,9 @@ except ImportError:
     import _common  # python benchmarks/bench_loss.py: the script's own folder is on sys.path
 
 HERE = Path(__file__).resolve()
-PROVIDERS = ["eager", "torch", "cpp", "cpp-keep", "cce", "liger", "floor", "floor-onednn"]
+PROVIDERS = ["eager", "torch", "cpp", "cpp-aten", "cpp-keep", "cce", "liger", "floor", "floor-onednn"]
+# The cpp backend picks its GEMM once per process: cpp-aten's workers start with the choice forced.
+WORKER_ENV = {"cpp-aten": {"AFT_FAST_CPU_GEMM": "aten"}}
 ONLY_FOR = {"cpp-keep": "linear_logprob"}  # aft_loss forms its gradient in the forward pass: nothing to keep
 OPS = ["aft_loss", "linear_logprob"]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -117,8 +124,9 @@ def build_call(op: str, provider: str, batch: dict):
         else:
             from aft_fast.ops import cpp_chunks
 
-            if not cpp_chunks.AVAILABLE or cpp_chunks.build_info().get("gemm") != "onednn":
-                raise RuntimeError("aft_fast._C is not built with oneDNN's matmul")
+            info = cpp_chunks.cpu_info()
+            if info.get("gemm") != "onednn":
+                raise RuntimeError(f"the cpp backend runs no oneDNN here ({info.get('gemm_reason', info)})")
             mm = cpp_chunks.gemm
         T, V, H = rows.numel(), weight.shape[0], weight.shape[1]
         h = hidden.detach()[rows]
@@ -133,8 +141,8 @@ def build_call(op: str, provider: str, batch: dict):
 
         return call
 
-    if provider in ("torch", "cpp", "cpp-keep"):
-        backend, keep = provider.removesuffix("-keep"), provider.endswith("-keep")
+    if provider in ("torch", "cpp", "cpp-aten", "cpp-keep"):
+        backend, keep = provider.split("-")[0], provider.endswith("-keep")
         if op == "aft_loss":
             def call():
                 clear()
@@ -206,7 +214,23 @@ def worker(args) -> None:
     call()
     added = _common.peak_memory() - base
     times = _common.time_call(call, repeats=args.repeats, warmup=0)
-    print(json.dumps({"times": times, "peak_added": added}))
+    print(json.dumps({"times": times, "peak_added": added, "gemm": products_by(args.provider)}))
+
+
+def products_by(provider: str) -> str:
+    """The library that ran the provider's [T, H] x [H, V]-sized products in this process."""
+    if provider.startswith("cpp"):
+        from aft_fast.ops import cpp_chunks
+
+        return "oneDNN" if cpp_chunks.cpu_info()["gemm"] == "onednn" else "ATen mm"
+    return "oneDNN" if provider == "floor-onednn" else "ATen mm"
+
+
+def cpp_paths() -> str:
+    """The cpp backend's SIMD level and GEMM path in a plain process (what `cpp` runs), and why."""
+    code = "from aft_fast.ops import cpp_chunks; print(cpp_chunks.cpu_info()['summary'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE.parents[1])
+    return proc.stdout.strip() if proc.returncode == 0 else f"cpp backend: {proc.stderr.strip()[-200:]}"
 
 
 def main() -> None:
@@ -253,11 +277,13 @@ def main() -> None:
                 worker_args = ["--worker", "--op", op, "--provider", provider,
                                "--repeats", str(args.repeats), *(f"--{k}={v}" for k, v in shape.items())]
                 try:
-                    r = _common.run_worker(HERE, worker_args, timeout=args.timeout)
+                    r = _common.run_worker(HERE, worker_args, timeout=args.timeout,
+                                           env=WORKER_ENV.get(provider))
                 except Exception as exc:  # a missing optional library or a timeout: report, keep going
                     results[provider] = {"error": [f"{type(exc).__name__}: {exc}"]}
                     continue
                 prev = results.setdefault(provider, {"times": [], "peak_added": 0})
+                prev["gemm"] = r["gemm"]
                 prev["times"] += r["times"]
                 prev["peak_added"] = max(prev["peak_added"], r["peak_added"])
         sections.append(_section(op, results, shape))
@@ -277,7 +303,8 @@ def main() -> None:
               f"\n\nT={args.tokens} scored tokens in groups of k={args.k} (+1 reference), H={args.hidden}, "
               f"V={args.vocab}, {args.dtype}; median of {args.rounds} x {args.repeats} forward+backward "
               f"calls (rounds interleave the providers).\n"
-              f"{env['gpu']}, torch {env['torch']}, commit {env['git_sha']}, {env['timestamp']}.\n")
+              f"CPU: {_common.cpu_description()}; torch {env['torch']}, commit {env['git_sha']}, "
+              f"{env['timestamp']}.\n{cpp_paths()}; `cpp-aten` forces ATen's mm (AFT_FAST_CPU_GEMM=aten).\n")
     text = header + "\n" + "\n\n".join(sections) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -292,25 +319,29 @@ def _section(op: str, results: dict, shape: dict) -> str:
 
     floors = [t for t in (median("floor"), median("floor-onednn")) if t is not None]
     floor, eager = min(floors, default=None), median("eager")
+    same_floor = {"ATen mm": median("floor"), "oneDNN": median("floor-onednn")}
     eager_mem = results.get("eager", {}).get("peak_added")
     rows = []
     for provider, r in results.items():
         if "error" in r:
-            rows.append([provider, "failed: " + " ".join(r["error"])[:80], "", "", "", ""])
+            rows.append([provider, "failed: " + " ".join(r["error"])[:100], "", "", "", "", "", ""])
             continue
         t = median(provider)
         mem = r.get("peak_added") if not provider.startswith("floor") else None
+        lib_floor = same_floor.get(r.get("gemm"))
         rows.append([
             provider,
+            r.get("gemm", ""),
             f"{t * 1e3:.0f}",
             f"{t / floor:.2f}x" if floor else "",
+            f"{t / lib_floor:.2f}x" if lib_floor else "",
             f"{t / eager:.2f}x" if eager else "",
             f"{mem / 2**20:.0f}" if mem is not None else "n/a",
             f"{mem / eager_mem:.0%}" if mem is not None and eager_mem else "",
         ])
     table = _common.markdown_table(
-        ["provider", "fwd+bwd ms (median)", "vs matmul floor", "vs eager", "peak added MiB",
-         "memory vs eager"],
+        ["provider", "products by", "fwd+bwd ms (median)", "vs matmul floor", "vs same-library floor",
+         "vs eager", "peak added MiB", "memory vs eager"],
         rows)
     return f"## {op}\n\n{table}"
 

@@ -1,13 +1,11 @@
 // The one registry of aft_fast's C++ ops, and the Python module that loading them needs.
+#include "cpu_kernels.h"
 #include "ops.h"
 
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
-
-#ifndef AFT_FAST_CPU_CAPABILITY
-#define AFT_FAST_CPU_CAPABILITY "DEFAULT"
-#endif
+#include <pybind11/stl.h>
 
 TORCH_LIBRARY(aft_fast, m) {
   m.def(
@@ -35,10 +33,30 @@ TORCH_LIBRARY_IMPL(aft_fast, CPU, m) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "aft_fast C++ CPU ops; loading this module registers torch.ops.aft_fast.*";
+  m.def("cpu_info", []() {
+    // Resolves both run-time choices (at most once per process) and says why each was made.
+    const aft_fast::GemmChoice& g = aft_fast::gemm_choice();
+    const aft_fast::CpuDispatch& d = aft_fast::cpu_dispatch();
+    pybind11::dict info;
+    info["gemm"] = g.name;
+    info["gemm_reason"] = g.reason;
+    info["onednn_symbol"] = g.onednn_symbol;
+    info["cpu_capability"] = d.level;
+    info["cpu_capability_reason"] = d.reason;
+    info["cpu_capabilities_compiled"] = aft_fast::compiled_levels();
+    info["cpu_capability_best"] = d.cpu_best;
+    info["aten_cpu_capability"] = d.aten_level;
+    pybind11::dict features;
+    for (const auto& [name, has] : aft_fast::cpu_features()) features[name.c_str()] = has;
+    info["cpu_features"] = features;
+    return info;
+  }, "The GEMM library and SIMD level this process runs, why, and the CPU features they depend on.");
   m.def("build_info", []() {
     pybind11::dict info;
-    info["cpu_capability"] = AFT_FAST_CPU_CAPABILITY;
+    info["cpu_capabilities_compiled"] = aft_fast::compiled_levels();
     info["parallel"] = at::get_parallel_info();
+    // The run-time choices too (see cpu_info for the reasons).
+    info["cpu_capability"] = aft_fast::cpu_dispatch().level;
     info["gemm"] = aft_fast::gemm_backend();
     return info;
   });

@@ -1,15 +1,15 @@
 // CPU kernels of the fused linear log-prob: one chunk of scored tokens at a time.
 //
-// The matrix products go through ATen (MKL / oneDNN). What is fused here is everything between
-// them: per row of the logits buffer, one read for the max, one pass that exponentiates in place
-// while summing, one scaling pass, all while the row (V floats) sits in L2. Rows are spread over
-// ATen's OpenMP threads.
+// The matrix products go through ATen (MKL / oneDNN; gemm_cpu.cpp). What is fused here is everything
+// between them: per row of the logits buffer, one read for the max, one pass that exponentiates in
+// place while summing, one scaling pass, all while the row (V floats) sits in L2. Rows are spread over
+// ATen's OpenMP threads. The row loops themselves are SIMD code compiled per CPU capability
+// (kernels/row_kernels.cpp, picked at run time): this file is built without SIMD flags.
+#include "cpu_kernels.h"
 #include "ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <atomic>
 #include <cmath>
@@ -17,8 +17,6 @@
 
 namespace aft_fast {
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
 
 void check_f32_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
@@ -32,80 +30,6 @@ void check_index(const at::Tensor& t, const char* name, int64_t length) {
   TORCH_CHECK(t.numel() == length, name, ": expected length ", length, ", got ", t.numel());
 }
 
-float row_max(const float* z, int64_t n) {
-  int64_t i = 0;
-  Vec acc(-std::numeric_limits<float>::infinity());
-  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(z + i));
-  float m = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, acc);
-  for (; i < n; ++i) m = std::max(m, z[i]);
-  return m;
-}
-
-// z <- exp(z - shift) in place; returns the sum of the new values.
-float exp_shift_sum(float* z, int64_t n, float shift) {
-  int64_t i = 0;
-  const Vec vshift(shift);
-  Vec acc(0.f);
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec e = (Vec::loadu(z + i) - vshift).exp_u20();
-    e.store(z + i);
-    acc = acc + e;
-  }
-  float s = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, acc);
-  for (; i < n; ++i) {
-    z[i] = std::exp(z[i] - shift);
-    s += z[i];
-  }
-  return s;
-}
-
-// out <- fp16(exp(z - shift) * mult), z untouched; returns the sum of exp(z - shift) in fp32.
-float exp_shift_sum_half(const float* z, at::Half* out, int64_t n, float shift, float mult) {
-  using VecH = at::vec::Vectorized<at::Half>;
-  int64_t i = 0;
-  const Vec vshift(shift), vmult(mult);
-  Vec acc(0.f);
-  for (; i + VecH::size() <= n; i += VecH::size()) {  // VecH holds two Vecs' worth
-    Vec a = (Vec::loadu(z + i) - vshift).exp_u20();
-    Vec b = (Vec::loadu(z + i + Vec::size()) - vshift).exp_u20();
-    acc = acc + a + b;
-    at::vec::convert_from_float<at::Half>(a * vmult, b * vmult).store(out + i);
-  }
-  float s = at::vec::vec_reduce_all<float>([](const Vec& x, const Vec& y) { return x + y; }, acc);
-  for (; i < n; ++i) {
-    const float e = std::exp(z[i] - shift);
-    s += e;
-    out[i] = static_cast<at::Half>(e * mult);
-  }
-  return s;
-}
-
-// z <- float(q) * factor.
-void half_scaled(const at::Half* q, float* z, int64_t n, float factor) {
-  using VecH = at::vec::Vectorized<at::Half>;
-  int64_t i = 0;
-  const Vec f(factor);
-  for (; i + VecH::size() <= n; i += VecH::size()) {
-    auto [a, b] = at::vec::convert_to_float<at::Half>(VecH::loadu(q + i));
-    (a * f).store(z + i);
-    (b * f).store(z + i + Vec::size());
-  }
-  for (; i < n; ++i) z[i] = static_cast<float>(q[i]) * factor;
-}
-
-void scale(float* z, int64_t n, float factor) {
-  int64_t i = 0;
-  const Vec f(factor);
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(z + i) * f).store(z + i);
-  for (; i < n; ++i) z[i] *= factor;
-}
-
-void add(float* z, const float* b, int64_t n) {
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(z + i) + Vec::loadu(b + i)).store(z + i);
-  for (; i < n; ++i) z[i] += b[i];
-}
-
 // dst[rows[r]] += src[r] for every row of src. Rows repeat under prompt sharing, so the threads
 // split the columns, never the rows (ATen's index_add_ on CPU is ~50x slower for this shape).
 void add_rows(at::Tensor& dst, const at::Tensor& rows, const at::Tensor& src) {
@@ -113,6 +37,7 @@ void add_rows(at::Tensor& dst, const at::Tensor& rows, const at::Tensor& src) {
   float* d = dst.data_ptr<float>();
   const float* s = src.data_ptr<float>();
   const int64_t* rp = rows.data_ptr<int64_t>();
+  const auto add = row_kernels().add;
   at::parallel_for(0, H, 256, [&](int64_t h0, int64_t h1) {
     for (int64_t r = 0; r < c; ++r) add(d + rp[r] * stride + h0, s + r * H + h0, h1 - h0);
   });
@@ -177,11 +102,12 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
   at::Half* kp = keep ? keep->data_ptr<at::Half>() : nullptr;
   float* ksp = keep ? keep_scale->data_ptr<float>() : nullptr;
   std::atomic<int64_t> bad{-1};
+  const RowKernels& k = row_kernels();
 
   at::parallel_for(0, c, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* z = zp + r * V;
-      if (bp) add(z, bp, V);
+      if (bp) k.add(z, bp, V);
       const int64_t t = tp[r];
       if (t < 0 || t >= V) {
         bad.store(r);
@@ -191,18 +117,18 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
       float l;
       if (have_lse) {
         l = sp[r];
-        exp_shift_sum(z, V, l);
+        k.exp_shift_sum(z, V, l);
       } else if (kp) {
         // exp(z - max) is in (0, 1]: times 2^15 it uses fp16's normal range down to 2^-29 of the
         // largest probability (relative error 2^-11 there), instead of flushing small ones.
-        const float m = row_max(z, V);
-        const float s = exp_shift_sum_half(z, kp + r * V, V, m, kKeepMult);
+        const float m = k.row_max(z, V);
+        const float s = k.exp_shift_sum_half(z, kp + r * V, V, m, kKeepMult);
         ksp[r] = 1.f / (kKeepMult * s);
         l = m + std::log(s);
       } else {
-        const float m = row_max(z, V);
-        const float s = exp_shift_sum(z, V, m);
-        scale(z, V, 1.f / s);
+        const float m = k.row_max(z, V);
+        const float s = k.exp_shift_sum(z, V, m);
+        k.scale(z, V, 1.f / s);
         l = m + std::log(s);
       }
       lp[r] = target_logit - l;
@@ -290,6 +216,7 @@ void chunk_grad(
   const int64_t* tp = tgt.data_ptr<int64_t>();
   float* zp = probs.data_ptr<float>();
   std::atomic<int64_t> bad{-1};
+  const auto scale = row_kernels().scale;
   at::parallel_for(0, c, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* z = zp + r * V;
@@ -323,6 +250,7 @@ void chunk_grad_kept(
   const at::Half* kp = keep.data_ptr<at::Half>();
   float* zp = buf.data_ptr<float>();
   std::atomic<int64_t> bad{-1};
+  const auto half_scaled = row_kernels().half_scaled;
   at::parallel_for(0, c, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (tp[r] < 0 || tp[r] >= V) {

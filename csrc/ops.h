@@ -2,6 +2,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -11,7 +12,16 @@ namespace aft_fast {
 // out = a @ b, or out += a @ b when `accumulate` (fp32; see gemm_cpu.cpp for which library runs it).
 void gemm_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate);
 
-// "onednn" or "aten": the library gemm_into uses in this process.
+// The library gemm_into uses in this process, chosen at its first call (see gemm_cpu.cpp).
+struct GemmChoice {
+  std::string name;             // "onednn" or "aten"
+  std::string reason;           // e.g. "aten: oneDNN refused: <its message>"
+  bool onednn_symbol = false;   // whether libtorch exports at::native::mkldnn_matmul
+  void* onednn = nullptr;       // that function when it is used, else null
+};
+const GemmChoice& gemm_choice();
+
+// "onednn" or "aten": gemm_choice().name.
 const char* gemm_backend();
 
 // Log-probs of one chunk of scored tokens, without a [T, V] buffer: buf [c, V] receives the logits

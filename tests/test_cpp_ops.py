@@ -170,7 +170,7 @@ def logprob_grads() -> list[torch.Tensor]:
 
 
 def test_gemm_matches_torch_mm_and_aten_fallback_gives_the_same_loss():
-    """The products of the chunk ops (oneDNN where built with it) equal torch.mm to fp32 rounding, and
+    """The products of the chunk ops (oneDNN where its probe passed) equal torch.mm to fp32 rounding, and
     AFT_FAST_CPU_GEMM=aten switches them to ATen's mm with the same results."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(37, 50, generator=g), torch.randn(61, 50, generator=g)

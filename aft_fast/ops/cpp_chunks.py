@@ -33,7 +33,7 @@ def chunk_grad_kept(keep, keep_scale, logp, buf, coef, targets, h, weight, rows,
 
 def gemm(a, b, out, accumulate: bool = False) -> None:
     """out = a @ b (out += a @ b when accumulate), fp32, by the library the chunk ops use
-    (build_info()["gemm"]: oneDNN, or ATen's mm)."""
+    (cpu_info()["gemm"]: oneDNN where it runs and agrees with ATen, else ATen's mm)."""
     torch.ops.aft_fast.gemm(a, b, out, accumulate)
 
 
@@ -57,4 +57,25 @@ if AVAILABLE:
 
 
 def build_info() -> dict:
+    """The levels compiled, ATen's parallel backend, and the run-time choices (see cpu_info)."""
     return _C.build_info() if AVAILABLE else {"error": BUILD_ERROR}
+
+
+def cpu_info() -> dict:
+    """What the C++ ops run in this process, chosen once at their first use, and why:
+
+    gemm / gemm_reason: "onednn" when oneDNN's fp32 matmul ran the probe products and matched ATen's mm,
+        else "aten" and why (forced by AFT_FAST_CPU_GEMM=aten, oneDNN refused or disagreed, symbol not
+        found); onednn_symbol: whether libtorch exports it.
+    cpu_capability / cpu_capability_reason: the SIMD level of the row loops ("default", "avx2",
+        "avx512"): the highest one compiled (cpu_capabilities_compiled) that the CPU runs
+        (cpu_capability_best, from cpu_features) and ATen runs (aten_cpu_capability), unless
+        AFT_FAST_CPU_CAPABILITY forces a lower one.
+    summary: all that in one line, for a log.
+    """
+    if not AVAILABLE:
+        return {"error": BUILD_ERROR, "summary": f"cpp backend not built ({BUILD_ERROR})"}
+    info = dict(_C.cpu_info())
+    info["summary"] = (f"cpp backend: SIMD {info['cpu_capability']} ({info['cpu_capability_reason']}), "
+                       f"GEMM {info['gemm_reason']}")
+    return info

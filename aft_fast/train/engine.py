@@ -70,6 +70,10 @@ def init_distributed(backend: str = "auto") -> Dist:
         # CPU processes on one node share its cores; oversubscribing them slows every rank.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if not cuda and deepspeed.comm.get_rank() == 0:
+        from aft_fast import cpu_info  # the cpp loss backend's SIMD level and GEMM library, and why
+
+        print(f"[aft_fast] {cpu_info()['summary']}", flush=True)
     return Dist(deepspeed.comm.get_rank(), world, local_rank, local_world, device)
 
 
