@@ -3,7 +3,7 @@
 linear_logprob      linear_logprob_fwd: per-token log-prob and log-sum-exp, logits kept in registers
 linear_logprob_bwd  linear_logprob_bwd: recomputed logit tiles -> grad_hidden (by row), grad_weight,
                     grad_bias
-group_loss          group_loss_fwd: the group losses of DESIGN.md section 2 and their gradients;
+group_loss          group_loss_fwd: the group losses of docs/design.md section 2 and their gradients;
                     launch_group_loss: the same kernel on a range of groups, blocks fixed (no sync)
 chunk_softmax       row kernels of the chunked strategy: in-place log-sum-exp / target log-prob on a
                     [chunk, V] logits buffer, then coef * (onehot - softmax) for the cuBLAS products

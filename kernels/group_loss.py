@@ -1,4 +1,4 @@
-"""The group loss of DESIGN.md section 2: one program per group, loss and d(loss)/d(sum) together.
+"""The group loss of docs/design.md section 2: one program per group, loss and d(loss)/d(sum) together.
 
 The layout is CSR by group (pointer arrays [G + 1]): the group's segments (`member_*`), its candidate
 pairs (i, j) with label[i] > label[j] (`pair_*`) and its top-rank candidates (`top_*`). A program keeps

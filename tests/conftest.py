@@ -14,8 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Tolerance rule (STYLE.md 5): gold = reference on fp64-upcast inputs, ref = reference in the test
-# dtype; require max|ours - gold| <= 2 * max|ref - gold| + ATOL[dtype].
+# Tolerance rule (docs/design.md section 8): gold = reference on fp64-upcast inputs, ref = reference in
+# the test dtype; require max|ours - gold| <= 2 * max|ref - gold| + ATOL[dtype].
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float64: 1e-10}
 
 

@@ -64,7 +64,7 @@ def test_pairs_of_binary_labels_are_positives_times_negatives():
 
 
 def test_bcl_gradient_on_negative_vanishes_at_the_boundary():
-    """DESIGN.md 2: the two terms of a bcl pair cancel on s_n exactly at s_n = B."""
+    """docs/design.md section 2: the two terms of a bcl pair cancel on s_n exactly at s_n = B."""
     beta = 0.5
     group, label = torch.tensor([0, 0]), torch.tensor([1, 0])
     is_ref = torch.tensor([False, False])

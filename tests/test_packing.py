@@ -1,5 +1,5 @@
-"""Prompt sharing and padding-free packing (DESIGN.md section 4): the packed and shared layouts give every
-member the tokens, positions and attention it has in the padded one-row-per-member layout, so scores and
+"""Prompt sharing and padding-free packing (docs/design.md section 4): the packed and shared layouts give
+every member the tokens, positions and attention it has in the padded one-row-per-member layout, so scores and
 gradients match it for Llama, Mistral and Qwen2; the attention kernel choice; the layout options."""
 
 from __future__ import annotations

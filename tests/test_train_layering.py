@@ -1,4 +1,4 @@
-"""The layers of the package, read from the code's own imports (docs/design.md, "Layers").
+"""The layers of the package, read from the code's own imports (docs/design.md section 6).
 
 From the ground up:
 

@@ -41,9 +41,9 @@ SMALL = dict(BLOCK_B=16, BLOCK_V=32, BLOCK_D=16, GROUP_B=3, num_warps=4, num_sta
 
 
 def _close_to_gold(ours, low, gold, atol, what):
-    """STYLE.md 5: max|ours - gold| <= 2 * max|ref - gold| + atol, ref = the reference in the low dtype,
-    gold = the reference on the same (rounded) inputs upcast to fp64, so that input rounding, which
-    every backend shares, does not enter the bound."""
+    """The tolerance rule of docs/design.md section 8: max|ours - gold| <= 2 * max|ref - gold| + atol,
+    ref = the reference in the low dtype, gold = the reference on the same (rounded) inputs upcast to
+    fp64, so that input rounding, which every backend shares, does not enter the bound."""
     err = (ours.double() - gold.double()).abs().max()
     err_ref = (low.double() - gold.double()).abs().max()
     assert err <= 2 * err_ref + atol, f"{what}: error {float(err):.3g} > 2 * {float(err_ref):.3g} + {atol}"
@@ -469,7 +469,7 @@ def test_chunk_engine(dtype, need):
 
 
 def _expected_live(p, mode: str) -> set[int]:
-    """Segments with a possibly nonzero gradient, from DESIGN.md section 2 read off the labels: the
+    """Segments with a possibly nonzero gradient, from docs/design.md section 2 read off the labels: the
     references (w_vft = 1), and in the align modes the candidates in a pair, only as i under dcl."""
     live = {s for s in range(p.group.numel()) if bool(p.is_reference[s])}
     if mode == "vft":

@@ -1,4 +1,4 @@
-"""Sampled candidate files: one JSON line per question group (DESIGN.md section 1).
+"""Sampled candidate files: one JSON line per question group (docs/design.md section 1).
 
 Schema::
 

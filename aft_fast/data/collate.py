@@ -6,7 +6,7 @@ of position P + j - 1, so with B rows of length L:
 
     rows[t] = b * L + P + j - 1,  targets[t] = member[j],  segments[t] = the member's index in the batch.
 
-Layouts "packed" and "shared" (aft_fast/data/packing.py, DESIGN.md section 4) put several sequences in a
+Layouts "packed" and "shared" (aft_fast/data/packing.py, docs/design.md section 4) put several sequences in a
 row without padding between them; "shared" encodes a group's prompt once for all its members. They fill
 input_ids / position_ids / rows differently and describe who attends to whom per token (sequence_ids,
 member_ids); segments, group, label, is_reference and ref_logp are the same in every layout, so the fused

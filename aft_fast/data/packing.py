@@ -1,4 +1,4 @@
-"""Padding-free layouts (DESIGN.md section 4): several sequences per row, up to a token budget.
+"""Padding-free layouts (docs/design.md section 4): several sequences per row, up to a token budget.
 
 packed  one sequence per member, ``[prompt | member]`` (the padded layout's rows laid end to end):
         positions restart at 0 in each sequence, which attends causally to itself only.

@@ -1,4 +1,4 @@
-"""Every test-set metric of one model (DESIGN.md section 1, step 5), for any local Hugging Face causal LM:
+"""Every test-set metric of one model (docs/design.md section 1), for any local Hugging Face causal LM:
 
 - greedy accuracy;
 - self-consistency (majority vote over k samples) and re-ranking (the sample with the highest score),
@@ -7,9 +7,9 @@
   comparison of several models: each scores the same chains);
 - perplexity of the reference chains.
 
-A candidate's score is DESIGN.md's s_c, the length-normalized log-likelihood of its chain (eos included)
-after the prompt, computed by the fused `linear_logprob` (no [tokens x vocab] logits), on exactly the
-tokens AFT's collation trains on. Definitions of the metrics: `aft_fast.eval.metrics`.
+A candidate's score (s_c, docs/design.md section 2) is the length-normalized log-likelihood of its chain
+(eos included) after the prompt, computed by the fused `linear_logprob` (no [tokens x vocab] logits), on
+exactly the tokens AFT's collation trains on. Definitions of the metrics: `aft_fast.eval.metrics`.
 
 Generation and scoring are batched and sharded across ranks (`map_sharded`); every rank gets the full
 result, rank 0 writes it. Sampling is seeded per batch, so results do not depend on the process count.

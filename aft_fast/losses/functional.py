@@ -1,4 +1,4 @@
-"""The public functional API (docs/design.md, "Operator contract"): `aft_loss` and `linear_logprob`.
+"""The public functional API (docs/design.md section 3): `aft_loss` and `linear_logprob`.
 
 Shapes: N hidden rows, H hidden size, V vocab, T scored tokens, S segments (a segment is one
 candidate chain or one reference chain; a group is one question's segments).
@@ -49,7 +49,7 @@ def aft_loss(
         group: [S] int64, each segment's group (question). label: [S] int64, 1/0 for
             positive/negative candidates, or a rank (higher is better). is_reference: [S] bool,
             reference chains feed L_vft only.
-        mode: vft | align | dcl | bcl | dpo | rrhf | pro | dpo+bc | rrhf+bc | pro+bc (DESIGN.md 2).
+        mode: vft | align | dcl | bcl | dpo | rrhf | pro | dpo+bc | rrhf+bc | pro+bc (docs/design.md 2).
             Default "bcl": the paper's boundary-constrained loss, its best performer.
         beta: boundary margin of bcl and +bc (B = min top-rank score - beta). Default 1.0: scores
             are per-token log-probs, so negatives may sit one nat per token below the positives.

@@ -1,4 +1,4 @@
-"""The loss family of DESIGN.md section 2, vectorized over [S] segment sums.
+"""The loss family of docs/design.md section 2, vectorized over [S] segment sums.
 
 This is the cheap half of the fused operator and the one place its math is written for the CPU
 backends: given each segment's summed log-prob it returns L = w_vft * L_vft + w_align * L_align,

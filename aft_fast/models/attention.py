@@ -1,4 +1,4 @@
-"""How each layout reaches a Hugging Face decoder's attention (DESIGN.md section 4).
+"""How each layout reaches a Hugging Face decoder's attention (docs/design.md section 4).
 
     layout   kernel (attn_implementation)   what the decoder gets besides input_ids
     padded   the model's own                the 2-D padding mask; Hugging Face builds the causal mask

@@ -27,7 +27,7 @@ WEIGHT_FILES = (
 
 
 def tiny_llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
-    """DESIGN.md section 5: 4 layers, hidden 192, 4 heads, FFN 512, tied embeddings (1.84M params)."""
+    """docs/design.md section 5: 4 layers, hidden 192, 4 heads, FFN 512, tied embeddings (1.84M params)."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=192,

@@ -1,5 +1,5 @@
-"""The contract between the loss layer (aft_fast/losses/) and the backends that run it (docs/design.md,
-"Operator contract").
+"""The contract between the loss layer (aft_fast/losses/) and the backends that run it (docs/design.md
+section 3).
 
 `Backend` is what every backend offers: the two passes of `linear_logprob` and the one-call forward of
 `aft_loss` (loss, parts, per-segment sums and the gradients). `ChunkPrims` is what a chunked CPU backend

@@ -1,4 +1,4 @@
-"""The chunk loop of the fused operator (docs/design.md, "Operator contract"), shared by the chunked
+"""The chunk loop of the fused operator (docs/design.md section 3), shared by the chunked
 backends, and `ChunkedBackend`, the `Backend` that runs it over a module of chunk primitives.
 
 An engine runs one chunk of scored tokens at a time through one reused [chunk, V] buffer; nothing of

@@ -21,7 +21,7 @@ and gradients is O(T) whatever the size of the batch (`chunk_size` is ignored). 
     group_loss_fwd       every group's loss and d(loss)/d(sum), one program per group
     linear_logprob_bwd   recomputed logits -> grad_hidden, grad_weight, grad_bias (three products)
 Tokens whose d(loss)/d(logp) is zero (groups without pairs, candidates in mode vft) are dropped before the
-backward launch, as for every ignored token (docs/design.md, "Operator contract"). `linear_logprob` runs
+backward launch, as for every ignored token (docs/design.md section 3). `linear_logprob` runs
 these fused kernels too (its gradient is only known after the caller's loss: four products), except for
 the tokens whose logits keep_probs keeps: those take the chunked strategy's cuBLAS products and row
 kernels, their logits computed once in forward and kept in the input dtype, so backward does two products

@@ -106,7 +106,7 @@ class TrainConfig:
     min_lr_ratio: float = _opt(0.1, "cosine decay ends at min_lr_ratio * peak")
     weight_decay: float = _opt(0.1, "AdamW weight decay")
     grad_clip: float = _opt(1.0, "gradient norm clipping (fills the DeepSpeed config's 'auto')")
-    # --- AFT loss (DESIGN.md section 2) ----------------------------------------------------------------
+    # --- AFT loss (docs/design.md section 2) -----------------------------------------------------------
     mode: str = _opt(
         "bcl",
         "what the aft stage trains: " + " | ".join(TRAIN_MODES) + " (vft: continued VFT on the reference "
@@ -128,8 +128,9 @@ class TrainConfig:
     loss_backend: str = _opt("auto", "fused loss backend: " + " | ".join(BACKENDS))
     layout: str = _opt(
         "shared",
-        "AFT batch layout (DESIGN.md section 4): shared (a group's prompt encoded once, members packed after "
-        "it) | packed (one [prompt | member] sequence each, no padding) | padded (one padded row each)",
+        "AFT batch layout (docs/design.md section 4): shared (a group's prompt encoded once, members "
+        "packed after it) | packed (one [prompt | member] sequence each, no padding) | padded (one padded "
+        "row each)",
     )
     max_tokens_per_row: int = _opt(
         0,

@@ -1,4 +1,4 @@
-"""The stages in order (DESIGN.md section 1): setup -> vft -> eval -> sample -> aft -> eval, with the
+"""The stages in order (docs/design.md section 1): setup -> vft -> eval -> sample -> aft -> eval, with the
 input checks up front and the summary table at the end. `train.py` and `aft-fast` both call `run`.
 
 Every input is checked before the first step trains: data files (file:line on a bad record), model
