@@ -272,3 +272,127 @@ def test_new_fields_on_disk(tmp_path):
         None,
         None,
     )
+
+
+# --- the sample stage: label noise in its statistics and in <candidates>.meta.json -----------------------
+
+
+def test_sample_stats_and_meta(tmp_path):
+    from aft_fast.train.sample import group_stats, meta_path, write_meta
+
+    # Answer-positives: RIGHT, CANCEL (a false step), NET; negative: WRONG. "verified" makes CANCEL negative.
+    texts = [SYN_RIGHT, SYN_CANCEL, SYN_NET, SYN_WRONG, SYN_RIGHT]  # one duplicate
+    for rule, positives, by_form in (
+        ("answer", 3, {"running_total": 2, "net_change": 1}),
+        ("verified", 2, {"running_total": 1, "net_change": 1}),
+    ):
+        groups = [label_candidates(_syn_group(), texts, rule)]
+        s = group_stats(groups, sampled=5, seconds=1.0)
+        assert (s.questions, s.candidates, s.positives, s.negatives, s.duplicates) == (
+            1,
+            4,
+            positives,
+            4 - positives,
+            1,
+        )
+        assert (s.answer_positives, s.false_step) == (3, 1)
+        assert s.false_step_pct == pytest.approx(100 / 3)
+        assert s.positives_by_form == by_form
+        assert "1 of 3 answer-positives have a false step (33.3%)" in s.noise_text()
+        path = tmp_path / f"{rule}.jsonl"
+        meta = json.loads(write_meta(path, s, label=rule, task="forms").read_text())
+        assert meta_path(path) == tmp_path / f"{rule}.jsonl.meta.json"
+        assert meta["label"] == rule and meta["task"] == "forms"
+        assert (meta["groups"], meta["candidates"], meta["answer_positives"]) == (1, 4, 3)
+        assert meta["answer_positives_false_step"] == 1
+        assert meta["answer_positives_false_step_pct"] == pytest.approx(100 / 3)
+        assert meta["positives_by_form"] == by_form
+    # Another task: nothing checked, and the statistics say so instead of reporting zero noise.
+    (ex,) = [e for e in read_examples(DATA / "gsm8k_sample.jsonl") if e.gold == "72"]
+    s = group_stats([label_candidates(CandidateGroup.from_example(ex), ["#### 72", "#### 1"])], 2, 0.0)
+    assert s.answer_positives == 1 and s.false_step is None and s.false_step_pct is None
+    assert "not checked" in s.noise_text()
+
+
+def _embedded_train_file(path: Path, n: int) -> Path:
+    from aft_fast.data.synthetic import generate_problems
+
+    rows = [json.dumps({"question": p.question, "answer": p.reference}) for p in generate_problems(n, seed=2)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    from tests._train_support import make_assets
+
+    return make_assets(tmp_path_factory.mktemp("assets"), n_groups=4)
+
+
+def test_verified_rule_refuses_other_tasks(tmp_path, assets):
+    import torch
+
+    from aft_fast.train.config import InputError, TrainConfig
+    from aft_fast.train.engine import Dist
+    from aft_fast.train.pipeline import Summary, prepare
+
+    dist = Dist(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    gsm8k = DATA / "gsm8k_sample.jsonl"
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), stage="sample", train_data=str(gsm8k), label="verified")
+    with pytest.raises(
+        InputError, match=r"label: 'verified' needs a task whose chains can be checked.*gsm8k"
+    ):
+        prepare(cfg, dist, Summary())
+    # An aft stage reading a file without chain fields (older, or another task's) under --label verified.
+    old = _write(tmp_path / "old.jsonl", [GOOD])
+    cfg = TrainConfig(
+        run_dir=str(tmp_path / "run"),
+        stage="aft",
+        candidates=str(old),
+        label="verified",
+        vft_model=str(assets["model"]),
+    )
+    with pytest.raises(InputError, match="label: 'verified'.*'answer_correct'"):
+        prepare(cfg, dist, Summary())
+
+
+def test_sample_stage_writes_labels_and_meta(tmp_path, assets):
+    from aft_fast.data.answers import answers_match, extract_answer
+    from aft_fast.data.chains import check_chain
+    from tests._train_support import check, run_python
+
+    train = _embedded_train_file(tmp_path / "train.jsonl", 4)
+    run = tmp_path / "run"
+    r = run_python(
+        [
+            "--stage=sample",
+            f"--vft_model={assets['model']}",
+            f"--tokenizer={assets['tokenizer']}",
+            f"--train_data={train}",
+            f"--run_dir={run}",
+            "--label=verified",
+            "--num_samples=3",
+            "--max_new_tokens=24",
+            "--gen_batch_size=4",
+            "--progress=false",
+        ],
+        timeout=240,
+    )
+    check(r)
+    groups = read_candidates(run / "candidates.jsonl")
+    meta = json.loads((run / "candidates.jsonl.meta.json").read_text())
+    # Recount from the texts (not the stored fields): answer right, chain right, the verified label.
+    right = false_step = 0
+    for g in groups:
+        for c in g.candidates:
+            a = answers_match(extract_answer(c.text, "number"), g.gold, "number")
+            chk = check_chain(g.question, c.text)
+            assert (c.answer_correct, c.chain_ok, c.form) == (a, chk.ok, chk.form)
+            assert c.correct == (a and chk.ok)
+            right += a
+            false_step += a and not chk.ok
+    assert meta["label"] == "verified" and meta["task"] is None  # a --train_data file, not the generator
+    assert meta["groups"] == len(groups) == 4
+    assert meta["candidates"] == sum(len(g.candidates) for g in groups)
+    assert (meta["answer_positives"], meta["answer_positives_false_step"]) == (right, false_step)
+    assert f"of {right} answer-positives have a false step" in r.stdout and "label verified" in r.stdout

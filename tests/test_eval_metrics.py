@@ -18,7 +18,9 @@ from aft_fast.data.collate import encode_chain, encode_prompt
 from aft_fast.data.synthetic import generate_problems
 from aft_fast.eval.metrics import (
     assessment_accuracy,
+    form_shares,
     majority_vote,
+    misranking_by_form,
     pair_wins,
     perplexity,
     rerank,
@@ -206,6 +208,146 @@ def test_evaluate_records_agree_with_the_summary(assets):
         right, wrong = (_plain_logprob(model, tok, g.question, c.text) for c in g.candidates)
         wins += 1.0 if right[0] / right[1] > wrong[0] / wrong[1] else 0.0
     assert s["eval/fixed_assess_acc"] == pytest.approx(wins / 3)
+
+
+# --- assessment misalignment by form (the pilot study) --------------------------------------------------
+
+
+def test_misranking_by_form_hand_made():
+    groups = [
+        # Reference form "a". Right -1.0 ("a", same) beats both wrongs: 2 same pairs, 0 misranked. Right -2.0
+        # ("b", other) is below wrong -1.5: 2 other pairs, 1 misranked.
+        ([-1.0, -2.0, -1.5, -3.0], [1, 1, 0, 0], ["a", "b", "a", "a"], "a"),
+        # Reference form "b". Right -1.0 (unrecognised: other) ties wrong -1.0: half. Right -0.5 ("b", same)
+        # beats it. 1 same pair (0), 1 other pair (0.5).
+        ([-1.0, -1.0, -0.5], [1, 0, 1], [None, "a", "b"], "b"),
+        # No reference form: not counted, although its pair is misranked.
+        ([-1.0, -2.0], [0, 1], ["a", "a"], None),
+    ]
+    m = misranking_by_form(groups)
+    assert (m.same_pairs, m.other_pairs) == (3, 3)
+    assert m.same_form == pytest.approx(0.0) and m.other_form == pytest.approx(1.5 / 3)
+    none = misranking_by_form([([-1.0, -2.0], [1, 1], ["a", "b"], "a")])
+    assert none.same_form is None and none.other_form is None and none.same_pairs == none.other_pairs == 0
+    with pytest.raises(ValueError, match="2 scores, 2 labels, 1 forms"):
+        misranking_by_form([([-1.0, -2.0], [1, 0], ["a"], "a")])
+
+
+def test_form_shares():
+    shares = form_shares(["a", None, "a", "b"], ["a", "b", "c"])
+    assert shares == {"a": 0.5, "b": 0.25, "c": 0.0, "unrecognised": 0.25}
+    assert form_shares([], ["a"]) == {}
+
+
+# start 2; +12, +4, +3; answer 21.
+SYN_Q = (
+    "Sam has 2 cards. He buys 12 more. He finds 4 more. He finds 3 more. How many cards does Sam have now?"
+)
+SYN_RUN = (
+    "Sam has 2 cards.\nHe buys 12 more, so he has 2 + 12 = 14.\nHe finds 4 more, so he has 14 + 4 = 18.\n"
+    "He finds 3 more, so he has 18 + 3 = 21.\n#### 21"
+)
+SYN_NET = "Sam has 2 cards.\nHis cards change by 12 + 4 + 3 = 19.\nSo he has 2 + 19 = 21.\n#### 21"
+SYN_CANCEL = SYN_RUN.replace("2 + 12 = 14", "2 + 12 = 13").replace("14 + 4 = 18", "13 + 4 = 18")
+SYN_WRONG = SYN_RUN.replace("18 + 3 = 21.\n#### 21", "18 + 3 = 22.\n#### 22")
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_form_assessment_hand_made(stored):
+    from aft_fast.data.candidates import label_candidates
+    from aft_fast.eval.evaluate import Scored, form_assessment, form_scores
+
+    texts = [SYN_RUN, SYN_NET, SYN_CANCEL, SYN_WRONG]
+    group = CandidateGroup("s", SYN_Q, "21", "number", SYN_RUN, [])  # the reference: a running total
+    if stored:  # the fields the sample stage stores
+        group = label_candidates(group, texts)
+    else:  # an older file: only "correct"; chain and form are worked out again
+        group.candidates = [Candidate(t, correct=t != SYN_WRONG) for t in texts]
+    scored = [Scored([-0.1, -0.5, -0.3, -0.2])]
+    out = form_assessment([group], scored)
+    # Answer rule: right RUN (same form, -0.1) beats WRONG (-0.2); right CANCEL (running total: same form,
+    # -0.3) is below it; right NET (other form, -0.5) is below it.
+    assert (out["misranked_same_form_pairs"], out["misranked_other_form_pairs"]) == (2, 1)
+    assert out["misranked_same_form"] == pytest.approx(0.5) and out["misranked_other_form"] == pytest.approx(
+        1.0
+    )
+    # Verified rule: CANCEL is wrong now. RUN beats both wrongs (0 of 2); NET is below both (2 of 2).
+    assert out["misranked_same_form_verified"] == pytest.approx(0.0)
+    assert out["misranked_other_form_verified"] == pytest.approx(1.0)
+    assert (out["assess_acc_verified"], out["assess_pairs_verified"]) == (pytest.approx(0.5), 4)
+    assert out["sample_form_running_total"] == 0.75 and out["sample_form_net_change"] == 0.25
+    assert out["sample_form_gains_losses"] == 0.0 and out["sample_form_unrecognised"] == 0.0
+    items = form_scores([group], scored)
+    assert items == [
+        (-0.1, True, "running_total", True),
+        (-0.5, True, "net_change", False),
+        (-0.3, True, "running_total", True),
+        (-0.2, False, "running_total", True),
+    ]
+    # Another task: nothing by form.
+    other = CandidateGroup(
+        "o", "What is 2 + 2?", "4", "number", "#### 4", [Candidate("#### 4", correct=True)]
+    )
+    assert form_assessment([other], [Scored([-0.1])]) == {} and form_scores([other], [Scored([-0.1])]) == []
+
+
+def test_plot_scores_by_form(tmp_path):
+    from aft_fast.data.chains import FORMS
+    from aft_fast.eval.plots import plot_scores_by_form
+
+    items = [
+        (-0.1, True, "running_total", True),
+        (-0.4, True, "net_change", False),
+        (-0.2, False, None, False),
+    ]
+    path = plot_scores_by_form(items, FORMS, tmp_path / "by_form.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_evaluate_by_form_on_a_fixed_set(assets):
+    from aft_fast.data.chains import check_chain
+    from aft_fast.eval.evaluate import evaluate
+    from aft_fast.models.loading import load_replica, load_tokenizer
+
+    tok = load_tokenizer(assets["tokenizer"])
+    model = load_replica(assets["model"], torch.device("cpu"), torch.float32)
+    forms, v1 = generate_problems(40, seed=3), generate_problems(40, seed=3, task="v1")
+    # Questions whose reference is not a running total: the v1 chain is a right chain of another form.
+    picked = [(f, o) for f, o in zip(forms, v1, strict=True) if f.reference != o.reference][:3]
+    assert len(picked) == 3
+    fixed, examples = [], [f for f, _ in picked]
+    for e, old in picked:
+        body = e.reference[: e.reference.rfind("#### ")]
+        texts = [e.reference, old.reference, f"{body}#### {int(e.gold) + 1}"]
+        fixed.append(CandidateGroup.from_example(e, [Candidate(t) for t in texts]))
+        fixed[-1].candidates[0].correct, fixed[-1].candidates[1].correct = True, True
+        fixed[-1].candidates[2].correct = False
+    res = evaluate(
+        model, tok, examples, samples=2, max_new_tokens=12, batch_size=2, fixed=fixed, progress=False
+    )
+    s, recs = res.summary, res.records
+    # Chain accuracy: greedy answer right and chain checked right, from the records.
+    want = sum(
+        r["correct"] and check_chain(e.question, r["output"]).ok for r, e in zip(recs, examples, strict=True)
+    )
+    assert s["eval/chain_accuracy"] == want / 3
+    assert all(
+        r["reference_form"] == check_chain(e.question, e.reference).form
+        for r, e in zip(recs, examples, strict=True)
+    )
+    # The fixed set: per question a same-form pair (reference vs wrong), an other-form pair (v1 vs wrong).
+    assert (s["eval/fixed_misranked_same_form_pairs"], s["eval/fixed_misranked_other_form_pairs"]) == (3, 3)
+    same = other = 0.0
+    for g in fixed:
+        ref, old, wrong = (_plain_logprob(model, tok, g.question, c.text) for c in g.candidates)
+        w = wrong[0] / wrong[1]
+        same += 1.0 if w > ref[0] / ref[1] else 0.0
+        other += 1.0 if w > old[0] / old[1] else 0.0
+    assert s["eval/fixed_misranked_same_form"] == pytest.approx(same / 3)
+    assert s["eval/fixed_misranked_other_form"] == pytest.approx(other / 3)
+    for key in ("eval/accuracy", "eval/self_consistency", "eval/rerank_accuracy", "eval/assess_acc"):
+        assert key in s, key
 
 
 # --- `aft-fast eval` / `train.py --stage eval`: files, and the same results on 1 and 2 processes -----------

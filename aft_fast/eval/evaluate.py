@@ -5,7 +5,11 @@
   with pass@k (some sample right) as their ceiling;
 - assessment accuracy on the model's own k samples, and on a fixed candidate set when given (the fair
   comparison of several models: each scores the same chains);
-- perplexity of the reference chains.
+- perplexity of the reference chains;
+- on the embedded task (whose chains can be checked, `aft_fast.data.chains`): chain accuracy (greedy answer
+  right and every step right), assessment accuracy under the verified rule, and assessment misalignment
+  by form (the paper's pilot study: (right, wrong) pairs scored wrong-higher, split by whether the right
+  chain has the reference's form), with the form mix of the samples.
 
 A candidate's score (s_c, docs/design.md section 2) is the length-normalized log-likelihood of its chain
 (eos included) after the prompt, computed by the fused `linear_logprob` (no [tokens x vocab] logits), on
@@ -28,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from aft_fast.data.answers import answers_match, extract_answer
 from aft_fast.data.candidates import CandidateGroup, label_candidates, write_candidates
+from aft_fast.data.chains import FORMS, check_chain, is_checkable
 from aft_fast.data.collate import collate, encode_group
 from aft_fast.data.formats import Example
 from aft_fast.eval import metrics
@@ -99,6 +104,77 @@ def split_scores(groups: list[CandidateGroup], scored: list[Scored]) -> tuple[li
     return pos, neg
 
 
+def checkable(groups: list[CandidateGroup]) -> bool:
+    """Whether every group is an embedded-task question (chain checking applies)."""
+    return bool(groups) and all(is_checkable(g.question) for g in groups)
+
+
+def reference_form(group: CandidateGroup) -> str | None:
+    """The form of the group's reference chain (None: no reference, or not recognised)."""
+    if group.reference is None or not is_checkable(group.question):
+        return None
+    return check_chain(group.question, group.reference).form
+
+
+def chain_info(group: CandidateGroup) -> list[tuple[bool, bool | None, str | None]]:
+    """(answer right, chain ok, form) per candidate: the stored fields, else computed (older files)."""
+    out = []
+    ok = is_checkable(group.question)
+    for c in group.candidates:
+        if c.answer_correct is not None and (c.chain_ok is not None or not ok):
+            out.append((c.answer_correct, c.chain_ok, c.form))
+            continue
+        right = answers_match(extract_answer(c.text, group.kind), group.gold, group.kind)
+        check = check_chain(group.question, c.text) if ok else None
+        out.append((right, check and check.ok, check and check.form))
+    return out
+
+
+def form_assessment(groups: list[CandidateGroup], scored: list[Scored]) -> dict[str, Any]:
+    """Assessment misalignment by form and assessment under the verified rule (keys without the "eval/"
+    prefix); empty unless every group is an embedded-task question."""
+    if not checkable(groups):
+        return {}
+    infos = [chain_info(g) for g in groups]
+    refs = [reference_form(g) for g in groups]
+    out: dict[str, Any] = {}
+    for suffix, label in (("", lambda a, ok: a), ("_verified", lambda a, ok: a and bool(ok))):
+        labels = [[int(label(a, ok)) for a, ok, _ in info] for info in infos]
+        m = metrics.misranking_by_form(
+            (s.scores, lab, [f for _, _, f in info], ref)
+            for s, lab, info, ref in zip(scored, labels, infos, refs, strict=True)
+        )
+        out.update(
+            {
+                f"misranked_same_form{suffix}": m.same_form,
+                f"misranked_other_form{suffix}": m.other_form,
+                f"misranked_same_form_pairs{suffix}": m.same_pairs,
+                f"misranked_other_form_pairs{suffix}": m.other_pairs,
+            }
+        )
+        if suffix:
+            a = metrics.assessment_accuracy((s.scores, lab) for s, lab in zip(scored, labels, strict=True))
+            out.update({"assess_acc_verified": a.accuracy, "assess_pairs_verified": a.pairs})
+    shares = metrics.form_shares((f for info in infos for _, _, f in info), FORMS)
+    out.update({f"sample_form_{k}": v for k, v in shares.items()})
+    return out
+
+
+def form_scores(
+    groups: list[CandidateGroup], scored: list[Scored]
+) -> list[tuple[float, bool, str | None, bool]]:
+    """(score, answer right, form, same form as the reference) per candidate, for the by-form histogram;
+    empty unless every group is an embedded-task question."""
+    if not checkable(groups):
+        return []
+    out = []
+    for g, s in zip(groups, scored, strict=True):
+        ref = reference_form(g)
+        for score, (right, _, form) in zip(s.scores, chain_info(g), strict=True):
+            out.append((score, right, form, form is not None and form == ref))
+    return out
+
+
 @dataclass
 class Evaluation:
     summary: dict[str, Any]  # eval/* metrics and counts (None where undefined)
@@ -155,9 +231,11 @@ def evaluate(
         model, tokenizer, groups, max_length=max_length, batch_size=batch_size, progress=progress
     )
 
+    chains = checkable(groups)
     records = []
     for e, (greedy, texts), g, s in zip(examples, outputs, groups, scored, strict=True):
         pred = extract_answer(greedy, e.kind)
+        greedy_check = check_chain(e.question, greedy) if chains else None
         votes = [extract_answer(t, e.kind) for t in texts]
         answers = [extract_answer(c.text, e.kind) for c in g.candidates]
         vote, top = metrics.majority_vote(votes), metrics.rerank(s.scores, answers)
@@ -168,6 +246,9 @@ def evaluate(
                 "gold": e.gold,
                 "pred": pred,
                 "correct": answers_match(pred, e.gold, e.kind),
+                "chain_ok": greedy_check and greedy_check.ok,
+                "form": greedy_check and greedy_check.form,
+                "reference_form": reference_form(g) if chains else None,
                 "output": greedy,
                 "votes": votes,
                 "vote": vote,
@@ -180,7 +261,14 @@ def evaluate(
                 "ref_nll": s.ref_nll,
                 "ref_tokens": s.ref_tokens,
                 "candidates": [
-                    {"text": c.text, "pred": a, "correct": c.correct, "score": sc}
+                    {
+                        "text": c.text,
+                        "pred": a,
+                        "correct": c.correct,
+                        "chain_ok": c.chain_ok,
+                        "form": c.form,
+                        "score": sc,
+                    }
                     for c, a, sc in zip(g.candidates, answers, s.scores, strict=True)
                 ],
             }
@@ -193,6 +281,10 @@ def evaluate(
         "questions": n,
         "samples": samples,
         "eval/accuracy": metrics.mean_or_none(r["correct"] for r in records),
+        # Greedy answer right and every step right (embedded task only; None elsewhere).
+        "eval/chain_accuracy": (
+            metrics.mean_or_none(r["correct"] and bool(r["chain_ok"]) for r in records) if chains else None
+        ),
         "eval/perplexity": metrics.perplexity([s.ref_nll for s in scored], [s.ref_tokens for s in scored]),
     }
     if samples:
@@ -208,6 +300,7 @@ def evaluate(
                 "eval/neg_score": metrics.mean_or_none(neg),
             }
         )
+        summary.update({f"eval/{k}": v for k, v in form_assessment(groups, scored).items()})
     result = Evaluation(summary, records, groups, scored)
     if fixed is not None:
         fixed_scored = score_groups(
@@ -231,6 +324,7 @@ def evaluate(
                 "eval/fixed_neg_score": metrics.mean_or_none(fneg),
             }
         )
+        summary.update({f"eval/fixed_{k}": v for k, v in form_assessment(fixed, fixed_scored).items()})
         result.fixed_groups, result.fixed_scored = fixed, fixed_scored
         result.fixed_records = [
             {"id": g.id, "labels": g.labels(), "scores": s.scores}
@@ -274,6 +368,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     n = summary["questions"]
     right = round((summary.get("eval/accuracy") or 0.0) * n)
     parts = [f"greedy accuracy {pct('eval/accuracy')} ({right}/{n})"]
+    if summary.get("eval/chain_accuracy") is not None:
+        parts.append(f"chain accuracy {pct('eval/chain_accuracy')}")
     if summary.get("samples"):
         k = summary["samples"]
         parts += [
@@ -282,6 +378,11 @@ def summary_line(summary: dict[str, Any]) -> str:
             f"pass@{k} {pct('eval/pass_at_k')}",
             f"assessment {pct('eval/assess_acc')} ({summary.get('eval/assess_pairs', 0)} pairs)",
         ]
+        if "eval/misranked_other_form" in summary:
+            parts.append(
+                f"misranked same form {pct('eval/misranked_same_form')} / other form "
+                f"{pct('eval/misranked_other_form')}"
+            )
     if "eval/fixed_assess_acc" in summary:
         pairs = summary["eval/fixed_assess_pairs"]
         parts.append(f"fixed-set assessment {pct('eval/fixed_assess_acc')} ({pairs} pairs)")

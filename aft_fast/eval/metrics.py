@@ -16,6 +16,11 @@ Conventions (the README's "Evaluation" section repeats them):
   negatives have no pair and do not count. No pair anywhere: None (undefined), never 0.
 - perplexity of reference chains: exp(total NLL / total tokens), the token mean over all chains together
   (the way L_vft averages), not a mean of per-chain perplexities.
+- assessment misalignment by form (the paper's pilot study, where a task has several solution strategies):
+  over the (right, wrong) candidate pairs of each question, the fraction scored wrong-higher (a tie counts
+  one half, so 1 - assessment accuracy on those pairs), split by whether the right chain follows the
+  reference's form ("same form") or another ("other form", unrecognised chains included). A model that
+  credits only the reference's strategy misranks more often in the other-form split.
 """
 
 from __future__ import annotations
@@ -110,3 +115,53 @@ def spread(values: Sequence[float]) -> Spread:
         raise ValueError("spread: no values")
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return Spread(statistics.fmean(values), std, min(values), max(values), len(values))
+
+
+@dataclass
+class FormMisranking:
+    same_form: float | None  # misranked fraction of the pairs whose right chain has the reference's form
+    other_form: float | None  # ... whose right chain has another form (or none recognised)
+    same_pairs: int
+    other_pairs: int
+
+
+def misranking_by_form(
+    groups: Iterable[tuple[Sequence[float], Sequence[int | bool], Sequence[str | None], str | None]],
+) -> FormMisranking:
+    """groups: (scores, binary labels, each candidate's form, the reference's form) per question. Questions
+    whose reference form is None (not recognised, or no reference) do not count."""
+    mis = {True: 0.0, False: 0.0}
+    pairs = {True: 0, False: 0}
+    for scores, labels, forms, ref_form in groups:
+        if not len(scores) == len(labels) == len(forms):
+            raise ValueError(
+                f"misranking_by_form: {len(scores)} scores, {len(labels)} labels, {len(forms)} forms"
+            )
+        if ref_form is None:
+            continue
+        for si, li, fi in zip(scores, labels, forms, strict=True):
+            if not li:
+                continue
+            same = fi == ref_form
+            for sj, lj in zip(scores, labels, strict=True):
+                if not lj:
+                    pairs[same] += 1
+                    mis[same] += 1.0 if sj > si else 0.5 if sj == si else 0.0
+    return FormMisranking(
+        mis[True] / pairs[True] if pairs[True] else None,
+        mis[False] / pairs[False] if pairs[False] else None,
+        pairs[True],
+        pairs[False],
+    )
+
+
+def form_shares(forms: Iterable[str | None], names: Sequence[str]) -> dict[str, float]:
+    """The share of each form name (and "unrecognised" for None) among `forms`; empty for no form."""
+    forms = list(forms)
+    if not forms:
+        return {}
+    keys = [*names, "unrecognised"]
+    counts = dict.fromkeys(keys, 0)
+    for f in forms:
+        counts["unrecognised" if f is None else f] += 1
+    return {k: counts[k] / len(forms) for k in keys}

@@ -1,6 +1,7 @@
-"""The picture of assessment misalignment: how a model scores the right (positive) and wrong (negative)
+"""The pictures of assessment misalignment: how a model scores the right (positive) and wrong (negative)
 chains of the same questions. After VFT the two score distributions overlap (the model cannot tell its
-right chains from its wrong ones); AFT should pull them apart. One panel per model, shared x axis."""
+right chains from its wrong ones); AFT should pull them apart. One panel per model, shared x axis. On a task
+with several solution strategies, `plot_scores_by_form` splits the same scores by the chains' form."""
 
 from __future__ import annotations
 
@@ -44,6 +45,74 @@ def plot_score_distributions(
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=7, loc="upper left")
     axes[-1, 0].set_xlabel(xlabel, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_scores_by_form(
+    items: Sequence[tuple[float, bool, str | None, bool]],
+    forms: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    xlabel: str = "score: length-normalized log-likelihood (nats per token)",
+) -> Path:
+    """Score histograms by chain form, one PNG: a panel per form (right vs wrong chains of that form,
+    unrecognised chains last) and a last panel with the pilot study's split: right chains in the
+    reference's form, right chains in another form, wrong chains. items: (score, answer right, form, same
+    form as the question's reference) per candidate (`aft_fast.eval.evaluate.form_scores`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    names = [*forms, *(["unrecognised"] if any(f is None for _, _, f, _ in items) else [])]
+    values = [s for s, _, _, _ in items]
+    lo, hi = (min(values), max(values)) if values else (-1.0, 0.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    bins = [lo + (hi - lo) * i / 40 for i in range(41)]
+    fig, axes = plt.subplots(len(names) + 1, 1, figsize=(7, 1.7 * (len(names) + 1) + 0.8), sharex=True)
+
+    def hist(ax, series: list[tuple[str, list[float], str]], name: str) -> None:
+        for label, vals, color in series:
+            ax.hist(vals, bins=bins, alpha=0.5, color=color, label=f"{label} (n={len(vals)})")
+            m = mean_or_none(vals)
+            if m is not None:
+                ax.axvline(m, color=color, linestyle="--", linewidth=1)
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.set_ylabel("chains", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+
+    for ax, name in zip(axes[:-1], names, strict=True):
+        mine = [(s, r) for s, r, f, _ in items if (f or "unrecognised") == name]
+        hist(
+            ax,
+            [
+                ("wrong", [s for s, r in mine if not r], "tab:red"),
+                ("right", [s for s, r in mine if r], "tab:blue"),
+            ],
+            f"form: {name}",
+        )
+    hist(
+        axes[-1],
+        [
+            ("wrong", [s for s, r, _, _ in items if not r], "tab:red"),
+            ("right, the reference's form", [s for s, r, _, same in items if r and same], "tab:blue"),
+            ("right, another form", [s for s, r, _, same in items if r and not same], "tab:green"),
+        ],
+        "all forms: right chains by whether they follow the reference's form",
+    )
+    axes[-1].set_xlabel(xlabel, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

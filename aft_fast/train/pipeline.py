@@ -20,11 +20,18 @@ from transformers.utils import logging as hf_logging
 
 from aft_fast.constants import train_mode
 from aft_fast.data.candidates import CandidateGroup, not_checkable_error, read_candidates, relabel
-from aft_fast.data.chains import is_checkable
+from aft_fast.data.chains import FORMS, is_checkable
 from aft_fast.data.formats import DataError, Example, prompt_text, read_examples
 from aft_fast.data.synthetic import write_default_task
-from aft_fast.eval.evaluate import Evaluation, evaluate, split_scores, summary_line, write_results
-from aft_fast.eval.plots import plot_score_distributions
+from aft_fast.eval.evaluate import (
+    Evaluation,
+    evaluate,
+    form_scores,
+    split_scores,
+    summary_line,
+    write_results,
+)
+from aft_fast.eval.plots import plot_score_distributions, plot_scores_by_form
 from aft_fast.train.aft import run_aft
 from aft_fast.train.config import InputError, TrainConfig, to_yaml
 from aft_fast.train.engine import Dist, model_dtype, resolve_ds_config_path
@@ -37,9 +44,9 @@ from aft_fast.models.loading import (
     load_replica,
     load_tokenizer,
 )
+from aft_fast.train.run_guard import guard
 from aft_fast.train.sample import group_stats, run_sample
 from aft_fast.train.vft import run_vft
-from aft_fast.train.run_guard import guard
 
 ALL = ("vft", "eval_vft", "sample", "aft", "eval_aft")
 
@@ -227,6 +234,10 @@ def _evaluate(
             panels.append((f"{name}: fixed set", *split_scores(res.fixed_groups, res.fixed_scored)))
         if panels:
             plot_score_distributions(panels, cfg.run_path / f"scores_{name}.png", title=str(model_dir))
+        by_form = form_scores(res.groups, res.scored) if cfg.eval_samples else []
+        if by_form:
+            path = cfg.run_path / f"scores_by_form_{name}.png"
+            plot_scores_by_form(by_form, FORMS, path, title=str(model_dir))
     values = {k: v for k, v in res.summary.items() if k.startswith("eval/") and v is not None}
     MetricsLogger(cfg.run_dir, name, tensorboard=False).log(0, values)
     summary.add(
@@ -299,6 +310,8 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
     """Run cfg.stage ("all": every stage in order); returns the summary (rank 0 writes summary.md/json)."""
     summary = Summary()
     run_dir = cfg.run_path
+    # One live run per folder; finished stages are replaced only with --overwrite (skipped with --resume).
+    lock = guard(cfg, tuple(s for s in ("vft", "sample", "aft") if cfg.stage in ("all", s)), dist.is_main)
     hf_logging.disable_progress_bar()  # per-rank "Loading weights" bars; the stages draw their own
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -341,8 +354,6 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
             )
         elif stage == "aft":
             groups = inputs.groups if inputs.groups is not None else read_candidates(cfg.candidates_path)
-    # One live run per folder; finished stages are replaced only with --overwrite (skipped with --resume).
-    lock = guard(cfg, tuple(s for s in ("vft", "sample", "aft") if cfg.stage in ("all", s)), dist.is_main)
             aft_dir = cfg.stage_model_dir("aft")
             if cfg.resume and _finished(aft_dir, cfg.aft_steps):
                 summary.add("aft", 0.0, f"done earlier ({aft_dir})")
@@ -374,6 +385,6 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
         (run_dir / "summary.json").write_text(
             json.dumps({"rows": [r.__dict__ for r in summary.rows], "values": summary.values}, indent=1)
         )
-    return summary
     if lock is not None:
         lock.release()
+    return summary
