@@ -14,6 +14,8 @@ Providers (every one but floor computes the same bcl AFT loss of the same batch,
   liger          Liger-Kernel's fused linear cross-entropy (reduction="none") for the per-token log-probs,
                  then the same segment sums and objective
   cce            Cut Cross-Entropy's linear_cross_entropy (reduction="none", its default filter), likewise
+  trl            TRL's chunked LM-head log-prob (trl.kernels.ChunkedLogProbFunction, the head behind its
+                 fused_lm_head=True, at the vocab chunk its trainers use), likewise
   floor          the [T,H]x[H,V]-sized products alone with cuBLAS (logits, grad_hidden, grad_weight; only
                  the first in mode fwd): the bound every fused kernel is measured against
 
@@ -25,11 +27,13 @@ providers. Writes benchmarks/results/gpu_check_<date>_<gpu>.md and rows of bench
 
     python benchmarks/bench_gpu.py                       # H200-sized run, all providers
     python benchmarks/bench_gpu.py --dry-run             # tiny shape on the CPU (triton interpreted)
+    python benchmarks/bench_gpu.py --goals benchmarks/results   # the goals table from the CSVs there
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import os
@@ -47,7 +51,7 @@ except ImportError:
 
 HERE = Path(__file__).resolve()
 # Run in this order: the essential ones first, torch.compile (the slowest to warm up) last.
-PROVIDERS = ["floor", "triton_chunked", "triton_fused", "eager", "triton_cce", "liger", "cce",
+PROVIDERS = ["floor", "triton_chunked", "triton_fused", "eager", "triton_cce", "liger", "cce", "trl",
              "torch_compile"]
 # The triton providers' strategy (aft_fast.ops.triton_backend.STRATEGY); None: the backend's default.
 TRITON_STRATEGY = {"triton": None, "triton_chunked": "chunked", "triton_fused": "fused",
@@ -147,6 +151,16 @@ def build_call(provider: str, batch: dict, mode: str):
         from cut_cross_entropy import linear_cross_entropy
 
         return run(lambda h, w: loss_of_logp(-linear_cross_entropy(h[rows], w, targets, reduction="none")))
+    if provider == "trl":
+        from trl.kernels import ChunkedLogProbFunction
+
+        try:  # the vocab chunk that trl.trainer.utils passes (importing that module needs datasets)
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+        except ImportError:
+            chunk = 32768  # its value in TRL 1.16
+        # (hidden, weight, bias, targets, temperature, vocab chunk, softcap, logit scale, extra outputs)
+        return run(lambda h, w: loss_of_logp(
+            ChunkedLogProbFunction.apply(h[rows], w, None, targets, 1.0, chunk, None, 1.0, ())[0]))
     raise ValueError(f"provider: unknown {provider!r}")
 
 
@@ -262,12 +276,17 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmarks/results; a temporary folder for --dry-run)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shape on the CPU, triton interpreted: checks the script, not speed")
+    parser.add_argument("--goals", type=Path, metavar="DIR", help="print the table of the latest results in "
+                        "DIR (bench_gpu.csv, bench_step.csv) against the project's goals, and exit")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--provider", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.goals:
+        print(goals_report(args.goals))
         return 0
 
     if args.dry_run:
@@ -354,6 +373,85 @@ def write_report(out: Path, path: Path, results: dict, shape: dict, args, env: d
                                  p50=mib, p20=mib, p80=mib, **env))
     _common.append_csv(out / "bench_gpu.csv", csv_rows)
     return text, warnings
+
+
+# The goals of the triton backend, at the shape they are stated for (bench_gpu's defaults).
+GOAL_SHAPE = dict(tokens=8192, hidden=4096, vocab=128256, k=6, dtype="bf16")
+EXACT_TRITON = ("triton_chunked", "triton_fused", "triton")  # triton_cce's tile skipping is approximate
+
+
+def _latest(path: Path, op: str) -> tuple[str, list[dict]]:
+    """(device, rows) of `op` in the CSV at `path` measured on the device of its newest row."""
+    if not path.exists():
+        return "", []
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r["op"] == op]
+    if not rows:
+        return "", []
+    device = max(rows, key=lambda r: r["timestamp"])["gpu"]
+    return device, [r for r in rows if r["gpu"] == device]
+
+
+def _value(rows: list[dict], provider: str, metric: str, mode: str = "fwd_bwd", **config) -> float | None:
+    """p50 of the newest row of `provider`, `metric` and `mode` whose config holds `config`."""
+    hits = [r for r in rows if r["provider"] == provider and r["metric"] == metric and r["mode"] == mode
+            and all(json.loads(r["config_json"]).get(k) == v for k, v in config.items())]
+    return float(max(hits, key=lambda r: r["timestamp"])["p50"]) if hits else None
+
+
+def goals_report(folder: Path) -> str:
+    """Markdown table of the newest results in `folder` against the goals (met / not met / not measured)."""
+    gpu, loss_rows = _latest(folder / "bench_gpu.csv", "aft_loss")
+    step_gpu, step_rows = _latest(folder / "bench_step.csv", "aft_step")
+    shape = GOAL_SHAPE
+    if loss_rows and _value(loss_rows, "floor", "time", **shape) is None:
+        shape = json.loads(max(loss_rows, key=lambda r: r["timestamp"])["config_json"])  # e.g. --dry-run's
+    at_goal_shape = shape == GOAL_SHAPE
+
+    def loss(provider, metric="time"):
+        return _value(loss_rows, provider, metric, **shape) if provider else None
+
+    timed = [(loss(p), p) for p in EXACT_TRITON if loss(p) is not None]
+    best_time, best = min(timed) if timed else (None, None)
+    floor, eager_mem = loss("floor"), loss("eager", "peak_memory_added")
+    triton_mem = loss(best, "peak_memory_added")
+    padded = _value(step_rows, "padded", "time")
+    shared = _value(step_rows, "shared", "time")
+
+    def ratio(a, b):
+        return None if a is None or b is None or b == 0 else a / b
+
+    rows = []
+    for goal, value, ok, shown in (
+        ("triton aft_loss within 1.2x of the matmul floor", ratio(best_time, floor), lambda r: r <= 1.2,
+         "{:.2f}x the floor"),
+        ("triton aft_loss peak memory under 5% of eager's", ratio(triton_mem, eager_mem), lambda r: r < 0.05,
+         "{:.1%} of eager's"),
+        ("triton aft_loss faster than Cut Cross-Entropy", ratio(loss("cce"), best_time), lambda r: r > 1,
+         "{:.2f}x faster"),
+        ("triton aft_loss faster than TRL's chunked head", ratio(loss("trl"), best_time), lambda r: r > 1,
+         "{:.2f}x faster"),
+        ("shared-layout training step at least 1.5x the padded one", ratio(padded, shared),
+         lambda r: r >= 1.5, "{:.2f}x the padded step"),
+    ):
+        if value is None:
+            rows.append([goal, "not measured", ""])
+        else:
+            where = not step_gpu.startswith("cpu") if goal.startswith("shared") else at_goal_shape
+            verdict = ("met" if ok(value) else "NOT met") if where else "n/a (not the goal's setting)"
+            rows.append([goal, shown.format(value), verdict])
+    lines = [
+        "# GPU check: results against the goals",
+        "",
+        f"aft_loss: {gpu or 'no bench_gpu.csv rows'}, T={shape.get('tokens')}, H={shape.get('hidden')}, "
+        f"V={shape.get('vocab')}, {shape.get('dtype')}, forward+backward (best exact triton provider: "
+        f"{best}). "
+        f"Training step: {step_gpu or 'no bench_step.csv rows'}.",
+        "",
+        _common.markdown_table(["goal", "measured", "verdict"], rows),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

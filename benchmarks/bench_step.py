@@ -91,9 +91,9 @@ def build_step(provider: str, args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from aft_fast.data.collate import collate
-    from aft_fast.reference import group_loss_ref
     from aft_fast.models import attention
     from aft_fast.models.forward import AFTModel
+    from aft_fast.reference import group_loss_ref
 
     device = torch.device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -104,7 +104,8 @@ def build_step(provider: str, args):
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
-    lm = LlamaForCausalLM(config).to(device, dtype)
+    with torch.device(device):  # built where it runs: a 1B model's CPU init takes longer than the run
+        lm = LlamaForCausalLM(config).to(dtype)
     layout = "padded" if provider == "naive" else provider
     plan = attention.prepare(lm, layout, device)
     items = make_items(args.groups, args.k, args.prompt, args.min_member, args.max_member, config.vocab_size)
@@ -255,11 +256,12 @@ def main() -> None:
             results[provider] = _common.run_worker(HERE, worker_args, timeout=args.timeout)
         except Exception as exc:  # a timeout or a missing kernel: report it, keep going
             results[provider] = {"error": [f"{type(exc).__name__}: {exc}"]}
-    text = _report(args, setting, env, results)
+        # Written after every provider: an outer time limit still leaves what was measured.
+        text = _report(args, setting, env, results)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_step.md").write_text(text)
+        _common.append_csv(args.out / "bench_step.csv", _csv_rows(setting, env, results, args.groups))
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_step.md").write_text(text)
-    _common.append_csv(args.out / "bench_step.csv", _csv_rows(setting, env, results, args.groups))
     _plot(args.out / "bench_step.png", setting, env, results)
 
 

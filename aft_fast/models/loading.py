@@ -14,8 +14,12 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
-from transformers.integrations.deepspeed import prevent_arange_dtype_change
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+try:
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+except ImportError:  # transformers < 5.23 has none (its own ZeRO-3 loading enters no such context)
+    from contextlib import nullcontext as prevent_arange_dtype_change
 
 TRAINER_STATE = "trainer_state.json"
 WEIGHT_FILES = (
