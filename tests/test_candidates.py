@@ -376,7 +376,7 @@ def test_sample_stage_writes_labels_and_meta(tmp_path, assets):
             "--gen_batch_size=4",
             "--progress=false",
         ],
-        timeout=240,
+        timeout=600,  # a few seconds alone; minutes on a loaded 2-core machine
     )
     check(r)
     groups = read_candidates(run / "candidates.jsonl")

@@ -42,7 +42,7 @@ from aft_fast.data.formats import Example, answer_line, write_gsm8k
 
 TASKS = ("forms", "v1")
 
-# Difficulty, calibrated with a 1.84M-parameter Llama (docs/design.md training setup; batch 32, lr 2e-3,
+# Difficulty, calibrated with a 1.84M-parameter Llama (docs/design.md section 5; batch 32, lr 2e-3,
 # cosine over 750 steps) on task v1: greedy accuracy 4% after 250 steps, 31% after 500, 89% after 750. With
 # counts up to 30 and operands up to 9 it was 9% / 55% / 96%: too easy, few wrong samples would be left for
 # AFT to rank.
