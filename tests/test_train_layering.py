@@ -2,7 +2,8 @@
 
 From the ground up:
 
-    constants, outputs, _C, kernels     the ground: no imports from the rest of the package
+    constants, outputs, options, _C,    the ground: no imports from the rest of the package
+    kernels
     ops                                 backends of the fused operators (chunk loop, C++, Triton host code)
     losses, reference                   the loss math, checks, autograd Functions; the plain PyTorch oracle
     aft_fast (the package face)         the public API: aft_loss, AFTLoss, linear_logprob
@@ -47,6 +48,7 @@ MAY_IMPORT: dict[str, set[str]] = {
 UNITS = {
     "aft_fast.constants": "ground",
     "aft_fast.outputs": "ground",
+    "aft_fast.options": "ground",
     "aft_fast._C": "ground",
     "aft_fast.kernels": "kernels",
     "aft_fast.ops": "ops",

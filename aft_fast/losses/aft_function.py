@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from aft_fast.losses.group_objective import TorchObjective, live_segments
-from aft_fast.losses.objectives import LossConfig, build_plan
+from aft_fast.losses.objectives import build_plan
 from aft_fast.ops.dispatch import get_backend
+from aft_fast.options import LossOptions
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class AFTInputs:
     is_reference: torch.Tensor
     counts: torch.Tensor
     ref_logp: torch.Tensor | None
-    cfg: LossConfig
+    cfg: LossOptions
     backend: str
     chunk_size: int | None
 

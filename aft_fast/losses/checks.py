@@ -12,6 +12,7 @@ import sys
 import torch
 
 from aft_fast.constants import BACKENDS, MODES
+from aft_fast.options import LossOptions
 
 
 def _fail(name: str, problem: str) -> None:
@@ -96,9 +97,9 @@ def check_keep_probs(keep_probs) -> int:
     return keep_probs
 
 
-def check_groups(hidden, group, label, is_reference, ref_logp, *, mode, beta, w_vft, w_align,
-                 dpo_beta, pro_tau) -> None:
-    """Segment metadata [S] and the loss options."""
+def check_groups(hidden, group, label, is_reference, ref_logp, options: LossOptions) -> LossOptions:
+    """Segment metadata [S] and the loss options; returns the options with their numbers as floats."""
+    mode, beta, w_vft, w_align, dpo_beta, pro_tau = (getattr(options, name) for name in options.names())
     if mode not in MODES:
         _fail("mode", f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     group = _index("group", group, None, hidden.device, None, "")
@@ -129,3 +130,4 @@ def check_groups(hidden, group, label, is_reference, ref_logp, *, mode, beta, w_
             _fail("ref_logp", f"on {ref_logp.device}, but hidden is on {hidden.device}")
         if not bool(torch.isfinite(ref_logp).all()):
             _fail("ref_logp", "contains NaN or infinite values")
+    return options.as_floats()

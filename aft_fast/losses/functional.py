@@ -11,9 +11,9 @@ import torch
 from aft_fast.losses import checks
 from aft_fast.losses.aft_function import AFTInputs, AFTLossFunction
 from aft_fast.losses.linear_logprob import LinearLogProbFunction, LogProbInputs
-from aft_fast.losses.objectives import LossConfig
 from aft_fast.ops.chunk_loop import default_chunk_size
 from aft_fast.ops.dispatch import resolve_backend
+from aft_fast.options import LossOptions
 from aft_fast.outputs import AFTOutput
 
 
@@ -67,14 +67,14 @@ def aft_loss(
     """
     checks.check_projection(hidden, weight, bias)
     checks.check_options(chunk_size=chunk_size, backend=backend)
-    checks.check_groups(hidden, group, label, is_reference, ref_logp, mode=mode, beta=beta, w_vft=w_vft,
-                        w_align=w_align, dpo_beta=dpo_beta, pro_tau=pro_tau)
+    options = LossOptions(mode=mode, beta=beta, w_vft=w_vft, w_align=w_align, dpo_beta=dpo_beta,
+                          pro_tau=pro_tau)
+    options = checks.check_groups(hidden, group, label, is_reference, ref_logp, options)
     counts = checks.check_tokens(hidden, weight, rows, targets, segments, group.numel())
     inputs = AFTInputs(
         rows=rows, targets=targets, segments=segments, group=group, label=label,
         is_reference=is_reference, counts=counts, ref_logp=ref_logp,
-        cfg=LossConfig(mode=mode, beta=float(beta), w_vft=float(w_vft), w_align=float(w_align),
-                       dpo_beta=float(dpo_beta), pro_tau=float(pro_tau)),
+        cfg=options,
         backend=resolve_backend(backend, hidden.device),
         chunk_size=chunk_size,
     )

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from aft_fast.losses.objectives import GroupPlan, LossConfig, objective
+from aft_fast.losses.objectives import GroupPlan, objective
+from aft_fast.options import LossOptions
 
 
-def live_segments(plan: GroupPlan, cfg: LossConfig, num_segments: int) -> torch.Tensor:
+def live_segments(plan: GroupPlan, cfg: LossOptions, num_segments: int) -> torch.Tensor:
     """[S] bool: the segments whose d(loss)/d(sum) can be nonzero, from labels alone. A superset: a
     segment marked False has an exactly zero gradient (references when w_vft = 0, candidates in groups
     without pairs or in mode vft, and in dcl the candidates that only ever play j, whose score is
@@ -31,7 +32,7 @@ class TorchObjective:
     autograd (the CPU backends). unit() returns that [S] gradient, or None when nothing in the unit's
     groups reaches the loss; result() the totals (loss, L_vft, L_align)."""
 
-    def __init__(self, counts, plan: GroupPlan, cfg: LossConfig, ref_logp, need_grad: bool):
+    def __init__(self, counts, plan: GroupPlan, cfg: LossOptions, ref_logp, need_grad: bool):
         self.counts, self.plan, self.cfg, self.ref_logp = counts, plan, cfg, ref_logp
         self.need_grad = need_grad
         self.total = [torch.zeros((), dtype=torch.float32, device=counts.device) for _ in range(3)]

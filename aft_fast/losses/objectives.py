@@ -16,25 +16,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from aft_fast.options import LossOptions
 
-@dataclass(frozen=True)
-class LossConfig:
-    """Options of the loss; defaults are those of `aft_fast.aft_loss`."""
-
-    mode: str = "bcl"
-    beta: float = 1.0
-    w_vft: float = 1.0
-    w_align: float = 1.0
-    dpo_beta: float = 0.1
-    pro_tau: float = 1.0
-
-    @property
-    def base(self) -> str:
-        return self.mode.partition("+")[0]
-
-    @property
-    def boundary_constraint(self) -> bool:
-        return self.mode.endswith("+bc")
+# The objectives' name for the loss options: the one dataclass of aft_fast/options.py.
+LossConfig = LossOptions
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from torch import nn
 from aft_fast import aft_loss, linear_logprob
 from aft_fast.data.batch import Batch
 from aft_fast.models import attention
+from aft_fast.options import LossOptions
 
 
 def forward_hidden(lm: nn.Module, batch: Batch) -> torch.Tensor:
@@ -53,11 +54,16 @@ class AFTModel(nn.Module):
     to `lm_head` - or to the embedding when tied - whose own forward never runs) and routes its
     gradient back to the partitions."""
 
-    def __init__(self, lm: nn.Module, **loss_options):
+    def __init__(self, lm: nn.Module, options: LossOptions | None = None, **loss_options):
         """loss_options: the keyword options of `aft_fast.aft_loss` (mode, beta, w_vft, ...). The loss is
         called as a function, not held as a child module: DeepSpeed would hook a child's forward and
         warn that it cannot see the tensors inside its AFTOutput."""
         super().__init__()
+        if options is not None:  # the loss options as one LossOptions; the call options as keywords
+            twice = sorted(set(options.names()) & set(loss_options))
+            if twice:
+                raise ValueError(f"{twice[0]}: given both in options and as a keyword")
+            loss_options = {**options.kwargs(), **loss_options}
         self.lm = lm
         self.loss_options = loss_options
         head = lm.get_output_embeddings()

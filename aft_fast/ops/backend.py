@@ -8,9 +8,9 @@ brings to the shared chunk loop (aft_fast/ops/chunk_loop.py): `aft_fast.ops.torc
 chunked `aft_forward`: the group loss of a run of whole groups, and d(loss)/d(sums) for it; a backend
 may run its own kernel for it instead (the triton backend does).
 
-The plan and the loss options (`aft_fast.losses.objectives.GroupPlan` and `LossConfig`) travel through
-this layer as they are: the chunk loop reads only `plan.seg_group` and `plan.num_groups`, the triton
-backend's group-loss kernel the fields it launches with.
+The plan and the loss options (`aft_fast.losses.objectives.GroupPlan`, `aft_fast.options.LossOptions`)
+travel through this layer as they are: the chunk loop reads only `plan.seg_group` and
+`plan.num_groups`, the triton backend's group-loss kernel the fields it launches with.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from aft_fast.data.collate import collate
 from aft_fast.models import attention
 from aft_fast.models.forward import AFTModel
 from aft_fast.models.loading import load_partitioned, save_hf_folder
+from aft_fast.options import LossOptions
 from aft_fast.train import checkpoint
 from aft_fast.train.config import InputError, TrainConfig
 from aft_fast.train.diagnostics import gradient_norms, pair_stats
@@ -46,7 +47,7 @@ def check_resumable(saved: dict, cfg: TrainConfig, stage: str, world_size: int) 
     keys = ["seed", "max_length", "warmup_ratio", "min_lr_ratio", "weight_decay", "grad_clip"]
     keys += [f"{stage}_{k}" for k in ("steps", "batch_size", "micro_batch_size", "lr")]
     if stage == "aft":
-        keys += ["mode", "beta", "beta_from_spread", "w_vft", "w_align", "dpo_beta", "pro_tau"]
+        keys += [*LossOptions.names(), "beta_from_spread"]
     diff = [
         f"{k}: {saved['config'].get(k)!r} -> {getattr(cfg, k)!r}"
         for k in keys
@@ -286,16 +287,7 @@ def train(
     print0(f"[{stage}] layout {layout}, attention {attn.kernel}" + (f": {attn.note}" if attn.note else ""))
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = AFTModel(
-        lm,
-        mode=mode.loss,
-        beta=cfg.beta,
-        w_vft=cfg.w_vft,
-        w_align=cfg.w_align,
-        dpo_beta=cfg.dpo_beta,
-        pro_tau=cfg.pro_tau,
-        backend=cfg.loss_backend,
-    )
+    model = AFTModel(lm, LossOptions.from_config(cfg, mode=mode.loss), backend=cfg.loss_backend)
     engine = build_engine(
         model,
         config,

@@ -32,10 +32,6 @@ from aft_fast.eval.evaluate import (
     write_results,
 )
 from aft_fast.eval.plots import plot_score_distributions, plot_scores_by_form
-from aft_fast.train.aft import run_aft
-from aft_fast.train.config import InputError, TrainConfig, to_yaml
-from aft_fast.train.engine import Dist, model_dtype, resolve_ds_config_path
-from aft_fast.train.logging import MetricsLogger, print0
 from aft_fast.models.loading import (
     TRAINER_STATE,
     check_model_dir,
@@ -44,6 +40,10 @@ from aft_fast.models.loading import (
     load_replica,
     load_tokenizer,
 )
+from aft_fast.train.aft import run_aft
+from aft_fast.train.config import InputError, TrainConfig, to_yaml
+from aft_fast.train.engine import Dist, model_dtype, resolve_ds_config_path
+from aft_fast.train.logging import MetricsLogger, print0
 from aft_fast.train.run_guard import guard
 from aft_fast.train.sample import group_stats, run_sample
 from aft_fast.train.vft import run_vft

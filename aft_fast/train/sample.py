@@ -25,10 +25,10 @@ from aft_fast.data.chains import is_checkable
 from aft_fast.data.collate import collate, encode_group
 from aft_fast.data.formats import Example
 from aft_fast.eval.generation import generate_chains, map_sharded
-from aft_fast.train.config import TrainConfig
-from aft_fast.train.engine import Dist
 from aft_fast.models.forward import segment_logprobs
 from aft_fast.models.loading import load_replica
+from aft_fast.train.config import TrainConfig
+from aft_fast.train.engine import Dist
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""One options dataclass for the loss (aft_fast/options.py): every signature that still spells the six
+options (the public API, the reference, the trainer's config) has its defaults, and the trainer and
+AFTModel pass it whole."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import aft_fast
+from aft_fast.losses.objectives import LossConfig
+from aft_fast.models.forward import AFTModel
+from aft_fast.options import LossOptions
+from aft_fast.reference import aft_loss_ref
+from aft_fast.train.config import TrainConfig
+
+DEFAULTS = {"mode": "bcl", "beta": 1.0, "w_vft": 1.0, "w_align": 1.0, "dpo_beta": 0.1, "pro_tau": 1.0}
+
+
+def _signature_defaults(fn) -> dict:
+    params = inspect.signature(fn).parameters
+    return {name: params[name].default for name in LossOptions.names()}
+
+
+def test_the_defaults_are_the_public_apis():
+    assert LossOptions().kwargs() == DEFAULTS
+    assert LossOptions.names() == tuple(DEFAULTS)
+    assert LossConfig is LossOptions  # the objectives' name is the same dataclass
+
+
+@pytest.mark.parametrize("fn", [aft_fast.aft_loss, aft_fast.AFTLoss.__init__, aft_loss_ref],
+                         ids=["aft_loss", "AFTLoss", "aft_loss_ref"])
+def test_every_signature_spelling_the_options_has_their_defaults(fn):
+    assert _signature_defaults(fn) == DEFAULTS
+
+
+def test_train_config_has_the_defaults_and_gives_its_options():
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert {name: fields[name] for name in LossOptions.names()} == DEFAULTS
+    cfg = TrainConfig(mode="dpo", beta=0.3, w_vft=0.5, w_align=2.0, dpo_beta=0.2, pro_tau=0.7)
+    assert LossOptions.from_config(cfg) == LossOptions("dpo", 0.3, 0.5, 2.0, 0.2, 0.7)
+    assert LossOptions.from_config(cfg, mode="vft").mode == "vft"  # a training mode's loss mode
+
+
+def test_mode_parts_and_floats():
+    rrhf_bc, bcl = LossOptions(mode="rrhf+bc"), LossOptions(mode="bcl")
+    assert (rrhf_bc.base, rrhf_bc.boundary_constraint) == ("rrhf", True)
+    assert (bcl.base, bcl.boundary_constraint) == ("bcl", False)
+    floats = LossOptions(beta=2, w_vft=0, pro_tau=3).as_floats()
+    assert all(type(getattr(floats, n)) is float for n in LossOptions.names() if n != "mode")
+    assert floats == LossOptions(beta=2.0, w_vft=0.0, pro_tau=3.0)
+
+
+def _tiny_lm() -> torch.nn.Module:
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    return LlamaForCausalLM(config)
+
+
+def test_aft_model_takes_the_options_whole():
+    lm = _tiny_lm()
+    whole = AFTModel(lm, LossOptions(mode="dcl", beta=0.5), backend="torch")
+    spelled = AFTModel(lm, mode="dcl", beta=0.5, w_vft=1.0, w_align=1.0, dpo_beta=0.1, pro_tau=1.0,
+                       backend="torch")
+    assert whole.loss_options == spelled.loss_options == {**DEFAULTS, "mode": "dcl", "beta": 0.5,
+                                                          "backend": "torch"}
+    with pytest.raises(ValueError, match="beta: given both"):
+        AFTModel(lm, LossOptions(), beta=0.2)
