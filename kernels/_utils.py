@@ -124,10 +124,14 @@ def process_logits(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.con
     defaults (1, no cap, 1) the logits are z itself, bit for bit. tanh(u) is 2 * sigmoid(2u) - 1 (as TRL's
     kernels write it: sigmoid exists in every triton version and the interpreter; exact at saturation)."""
     outer = logit_scale * inv_temperature
-    if HAS_SOFTCAP:
+    if HAS_SOFTCAP:  # one return statement: the compiler unifies the types of every return
         t = 2.0 * tl.sigmoid(z * (2.0 * logit_scale / softcap)) - 1.0
-        return (softcap * inv_temperature) * t, outer * (1.0 - t * t)
-    return z * outer, outer
+        logits = (softcap * inv_temperature) * t
+        dz = outer * (1.0 - t * t)
+    else:
+        logits = z * outer
+        dz = outer
+    return logits, dz
 
 
 @triton.jit

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from . import _utils
 from ._utils import logits_tile, process_logits, swizzle
+from .chunk_softmax import _round_to_bf16
 from .linear_logprob import check_inputs
 
 FILTERS = {"off": 0, "exact": 1, "cce": 2}
@@ -36,7 +37,7 @@ def _linear_logprob_bwd_kernel(
     T, V, H, stride_h, stride_w, filter_eps, t_bucket, logit_scale, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_HIDDEN: tl.constexpr,
     HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr, FILTER: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_B: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -60,7 +61,10 @@ def _linear_logprob_bwd_kernel(
     if FILTER == 2:
         if tl.max(tl.abs(dlogp)) < filter_eps:
             return
-    grad = (dlogp * coef_b[:, None]).to(hidden.dtype.element_ty)
+    grad = dlogp * coef_b[:, None]
+    if ROUND_BF16:  # the interpreter's cast truncates; compiled code rounds to nearest, as autograd does
+        grad = _round_to_bf16(grad)
+    grad = grad.to(hidden.dtype.element_ty)
     if FILTER == 1:
         if tl.max(tl.abs(grad.to(tl.float32))) == 0.0:
             return
@@ -153,6 +157,7 @@ def linear_logprob_bwd(
                  HAS_GRAD_HIDDEN=grads[0] is not None, HAS_GRAD_WEIGHT=grads[1] is not None,
                  HAS_GRAD_BIAS=grads[2] is not None,
                  FILTER=FILTERS[grad_filter], DOT_F32=_utils.INTERPRETED,
+                 ROUND_BF16=_utils.INTERPRETED and hidden.dtype == torch.bfloat16,
                  PRECISION=_utils.dot_precision(hidden.dtype))
     if config is None and not _utils.INTERPRETED:
         def grid(meta):

@@ -91,6 +91,10 @@ def variants(all_configs: bool = False):
         yield name, group_loss._group_loss_fwd_kernel, types, consts, (1, 1)
     for dtype, has_sums in (("bf16", True), ("bf16", False), ("fp32", True), ("fp16", True)):
         yield from _chunk_rows(dtype, has_sums, _utils.CHUNK_ROW_CONFIG)
+    # The soft-capped variants (Gemma-2's final_logit_softcapping): the tanh and its derivative in the tiles.
+    yield from _fwd("bf16", True, fwd_cfg, softcap=True)
+    yield from _bwd("bf16", True, 1, bwd_cfg, softcap=True)
+    yield from _chunk_rows("bf16", True, _utils.CHUNK_ROW_CONFIG, softcap=True)
     for blocks, warps in (((2, 1, 1), 1), ((64, 64, 64), 4)):  # the extremes of the launcher's block sizes
         consts = dict(MODE=group_loss.MODES["pro"], HAS_BC=True, BLOCK_M=blocks[0], BLOCK_P=blocks[1],
                       BLOCK_K=blocks[2])
@@ -98,47 +102,55 @@ def variants(all_configs: bool = False):
         yield name, group_loss._group_loss_fwd_kernel, types, consts, (warps, 1)
 
 
-def _fwd(dtype: str, has_bias: bool, cfg: triton.Config):
+# The logit post-processing's runtime arguments (kernels/_utils.py process_logits).
+POST_TYPES = dict(logit_scale="fp32", softcap="fp32", inv_temperature="fp32")
+
+
+def _fwd(dtype: str, has_bias: bool, cfg: triton.Config, softcap: bool = False):
     from aft_fast.kernels import linear_logprob
 
     types = dict(hidden=f"*{dtype}", weight=f"*{dtype}", bias=f"*{dtype}", rows="*i64", targets="*i64",
                  lse_part="*fp32", target_logit="*fp32", T="i32", V="i32", H="i32", split_v="i32",
-                 num_splits="i32", stride_h="i32", stride_w="i32", t_bucket="i32")
-    flags = dict(HAS_BIAS=has_bias, DOT_F32=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
-    yield (f"fwd {dtype} bias={has_bias} {_describe(cfg)}", linear_logprob._linear_logprob_fwd_kernel, types,
+                 num_splits="i32", stride_h="i32", stride_w="i32", t_bucket="i32", **POST_TYPES)
+    flags = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=softcap, DOT_F32=False,
+                 PRECISION="ieee" if dtype == "fp32" else "tf32")
+    yield (f"fwd {dtype} bias={has_bias} softcap={softcap} {_describe(cfg)}",
+           linear_logprob._linear_logprob_fwd_kernel, types,
            {**flags, **cfg.kwargs}, (cfg.num_warps, cfg.num_stages))
 
 
-def _bwd(dtype: str, has_bias: bool, filt: int, cfg: triton.Config):
+def _bwd(dtype: str, has_bias: bool, filt: int, cfg: triton.Config, softcap: bool = False):
     from aft_fast.kernels import linear_logprob_bwd
 
     types = dict(hidden=f"*{dtype}", weight=f"*{dtype}", bias=f"*{dtype}", rows="*i64", targets="*i64",
                  lse="*fp32", coef="*fp32", grad_hidden="*fp32", grad_weight="*fp32", grad_bias="*fp32",
-                 T="i32", V="i32", H="i32", stride_h="i32", stride_w="i32", filter_eps="fp32", t_bucket="i32")
-    flags = dict(HAS_BIAS=has_bias, HAS_GRAD_HIDDEN=True, HAS_GRAD_WEIGHT=True, HAS_GRAD_BIAS=has_bias,
-                 FILTER=filt, DOT_F32=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
-    yield (f"bwd {dtype} bias={has_bias} filter={filt} {_describe(cfg)}",
+                 T="i32", V="i32", H="i32", stride_h="i32", stride_w="i32", filter_eps="fp32", t_bucket="i32",
+                 **POST_TYPES)
+    flags = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=softcap, HAS_GRAD_HIDDEN=True, HAS_GRAD_WEIGHT=True,
+                 HAS_GRAD_BIAS=has_bias, FILTER=filt, DOT_F32=False, ROUND_BF16=False,
+                 PRECISION="ieee" if dtype == "fp32" else "tf32")
+    yield (f"bwd {dtype} bias={has_bias} filter={filt} softcap={softcap} {_describe(cfg)}",
            linear_logprob_bwd._linear_logprob_bwd_kernel, types, {**flags, **cfg.kwargs},
            (cfg.num_warps, cfg.num_stages))
 
 
-def _chunk_rows(dtype: str, has_sums: bool, cfg: dict):
+def _chunk_rows(dtype: str, has_sums: bool, cfg: dict, softcap: bool = False):
     """The chunked path's row kernels (kernels/chunk_softmax.py): forward with and without the segment
     sums, and (once per dtype) the in-place backward."""
     from aft_fast.kernels import chunk_softmax
 
     blocks = {k: cfg[k] for k in ("BLOCK_B", "BLOCK_V")}
     launch = (cfg["num_warps"], cfg["num_stages"])
-    what = f"{blocks['BLOCK_B']}x{blocks['BLOCK_V']} w{launch[0]} s{launch[1]}"
+    what = f"{blocks['BLOCK_B']}x{blocks['BLOCK_V']} w{launch[0]} s{launch[1]} softcap={softcap}"
     types = dict(logits=f"*{dtype}", targets="*i64", segments="*i64", sums="*fp32", lse="*fp32",
-                 logp="*fp32", C="i32", V="i32", stride_z="i32")
+                 logp="*fp32", C="i32", V="i32", stride_z="i32", **POST_TYPES)
     yield (f"chunk_softmax fwd {dtype} sums={has_sums} {what}", chunk_softmax._chunk_softmax_fwd_kernel,
-           types, {"HAS_SUMS": has_sums, **blocks}, launch)
+           types, {"HAS_SUMS": has_sums, "HAS_SOFTCAP": softcap, **blocks}, launch)
     if has_sums:
         types = dict(logits=f"*{dtype}", targets="*i64", lse="*fp32", coef="*fp32", coef_index="*i64",
-                     C="i32", V="i32", stride_z="i32")
+                     C="i32", V="i32", stride_z="i32", **POST_TYPES)
         yield (f"chunk_softmax bwd {dtype} {what}", chunk_softmax._chunk_softmax_bwd_kernel, types,
-               {"ROUND_BF16": False, **blocks}, launch)  # compiled code rounds to nearest itself
+               {"ROUND_BF16": False, "HAS_SOFTCAP": softcap, **blocks}, launch)  # compiled code rounds itself
 
 
 def _describe(cfg: triton.Config) -> str:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from aft_fast.losses.group_objective import TorchObjective, live_segments
-from aft_fast.losses.objectives import build_plan
+from aft_fast.losses.objectives import LossConfig, build_plan
 from aft_fast.ops.dispatch import get_backend
-from aft_fast.options import LossOptions
+from aft_fast.ops.logit_options import IDENTITY, LogitOptions
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,10 @@ class AFTInputs:
     is_reference: torch.Tensor
     counts: torch.Tensor
     ref_logp: torch.Tensor | None
-    cfg: LossOptions
+    cfg: LossConfig
     backend: str
     chunk_size: int | None
+    post: LogitOptions = IDENTITY  # the logit post-processing (logit_scale, softcap, temperature)
 
 
 class AFTLossFunction(torch.autograd.Function):
@@ -41,7 +42,7 @@ class AFTLossFunction(torch.autograd.Function):
         result = get_backend(inputs.backend).aft_forward(
             hidden, weight, bias, inputs.rows, inputs.targets, inputs.segments, counts, plan,
             inputs.cfg, inputs.ref_logp, need, inputs.chunk_size, objective=TorchObjective,
-            live_seg=live_segments(plan, inputs.cfg, counts.numel()) if any(need) else None,
+            live_seg=live_segments(plan, inputs.cfg, counts.numel()) if any(need) else None, post=inputs.post,
         )
         scores = result.sums / counts
         ctx.save_for_backward(*result.grads)

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from aft_fast.constants import BACKENDS, MODES
-from aft_fast.options import LossOptions
+from aft_fast.ops.logit_options import LogitOptions
 
 
 def _fail(name: str, problem: str) -> None:
@@ -88,6 +88,25 @@ def check_options(*, chunk_size, backend: str) -> None:
         _fail("chunk_size", f"expected a positive int or None, got {chunk_size!r}")
 
 
+def check_logit_options(logit_scale, softcap, temperature) -> LogitOptions:
+    """The logit post-processing options (docs/design.md section 2) as LogitOptions."""
+
+    def finite(name, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(name, f"expected a finite number, got {value!r}")
+        return float(value)
+
+    logit_scale = finite("logit_scale", logit_scale)
+    if softcap is not None:
+        softcap = finite("softcap", softcap)
+        if softcap <= 0:
+            _fail("softcap", f"expected a positive soft cap or None, got {softcap!r}")
+    temperature = finite("temperature", temperature)
+    if temperature <= 0:
+        _fail("temperature", f"expected a positive number, got {temperature!r}")
+    return LogitOptions(logit_scale, softcap, temperature)
+
+
 def check_keep_probs(keep_probs) -> int:
     """linear_logprob's keep_probs (False, True or a byte budget) as a byte budget."""
     if isinstance(keep_probs, bool):
@@ -97,9 +116,9 @@ def check_keep_probs(keep_probs) -> int:
     return keep_probs
 
 
-def check_groups(hidden, group, label, is_reference, ref_logp, options: LossOptions) -> LossOptions:
-    """Segment metadata [S] and the loss options; returns the options with their numbers as floats."""
-    mode, beta, w_vft, w_align, dpo_beta, pro_tau = (getattr(options, name) for name in options.names())
+def check_groups(hidden, group, label, is_reference, ref_logp, *, mode, beta, w_vft, w_align,
+                 dpo_beta, pro_tau) -> None:
+    """Segment metadata [S] and the loss options."""
     if mode not in MODES:
         _fail("mode", f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     group = _index("group", group, None, hidden.device, None, "")
@@ -130,4 +149,3 @@ def check_groups(hidden, group, label, is_reference, ref_logp, options: LossOpti
             _fail("ref_logp", f"on {ref_logp.device}, but hidden is on {hidden.device}")
         if not bool(torch.isfinite(ref_logp).all()):
             _fail("ref_logp", "contains NaN or infinite values")
-    return options.as_floats()

@@ -11,10 +11,23 @@ import torch
 from aft_fast.losses import checks
 from aft_fast.losses.aft_function import AFTInputs, AFTLossFunction
 from aft_fast.losses.linear_logprob import LinearLogProbFunction, LogProbInputs
+from aft_fast.losses.objectives import LossConfig
+from aft_fast.ops import cpp_chunks
 from aft_fast.ops.chunk_loop import default_chunk_size
 from aft_fast.ops.dispatch import resolve_backend
-from aft_fast.options import LossOptions
+from aft_fast.ops.logit_options import LogitOptions
 from aft_fast.outputs import AFTOutput
+
+
+def _resolve(backend: str, device: torch.device, post: LogitOptions) -> str:
+    """resolve_backend, and the soft cap the C++ ops lack: "auto" runs torch for it, "cpp" is refused."""
+    name = resolve_backend(backend, device)
+    if name == "cpp" and post.softcap is not None and not getattr(cpp_chunks, "SOFTCAP", False):
+        if backend == "cpp":
+            raise ValueError("softcap: the cpp backend does not take a soft cap yet; use backend='torch' "
+                             "(or 'auto', which picks it for a soft cap on the CPU)")
+        return "torch"
+    return name
 
 
 def aft_loss(
@@ -37,6 +50,9 @@ def aft_loss(
     bias: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> AFTOutput:
     """The AFT loss L = w_vft * L_vft + w_align * L_align, without materializing [T, V] logits.
 
@@ -61,22 +77,30 @@ def aft_loss(
             to 256 MiB) to the largest group, so that chunks hold whole groups and the gradient is
             formed in the same pass as the loss; on CUDA (triton) 512 MiB in the input dtype, grown
             up to 1 GiB (AFT_FAST_TRITON_CHUNK_MIB).
+        logit_scale, softcap, temperature: the model's logit post-processing (docs/design.md section 2).
+            With z = hidden[rows] @ weight^T + bias, the logits are
+            softcap * tanh(logit_scale * z / softcap) / temperature (softcap None: no tanh), as Gemma-2
+            (final_logit_softcapping), Cohere (logit_scale) or Granite (1 / logits_scaling) compute them;
+            applied inside the chunks, never as a [T, V] tensor. `aft_fast.models.logits.logit_processing`
+            reads them from a Hugging Face config. Defaults: the plain logits z.
 
     Returns:
         AFTOutput(loss, scores [S] detached, vft_loss, align_loss).
     """
     checks.check_projection(hidden, weight, bias)
     checks.check_options(chunk_size=chunk_size, backend=backend)
-    options = LossOptions(mode=mode, beta=beta, w_vft=w_vft, w_align=w_align, dpo_beta=dpo_beta,
-                          pro_tau=pro_tau)
-    options = checks.check_groups(hidden, group, label, is_reference, ref_logp, options)
+    checks.check_groups(hidden, group, label, is_reference, ref_logp, mode=mode, beta=beta, w_vft=w_vft,
+                        w_align=w_align, dpo_beta=dpo_beta, pro_tau=pro_tau)
     counts = checks.check_tokens(hidden, weight, rows, targets, segments, group.numel())
+    post = checks.check_logit_options(logit_scale, softcap, temperature)
     inputs = AFTInputs(
         rows=rows, targets=targets, segments=segments, group=group, label=label,
         is_reference=is_reference, counts=counts, ref_logp=ref_logp,
-        cfg=options,
-        backend=resolve_backend(backend, hidden.device),
+        cfg=LossConfig(mode=mode, beta=float(beta), w_vft=float(w_vft), w_align=float(w_align),
+                       dpo_beta=float(dpo_beta), pro_tau=float(pro_tau)),
+        backend=_resolve(backend, hidden.device, post),
         chunk_size=chunk_size,
+        post=post,
     )
     loss, scores, vft, align = AFTLossFunction.apply(hidden, weight, bias, inputs)
     return AFTOutput(loss=loss, scores=scores, vft_loss=vft, align_loss=align)
@@ -94,6 +118,9 @@ def linear_logprob(
     backend: str = "auto",
     chunk_size: int | None = None,
     keep_probs: bool | int = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-segment sums of log p(targets[t] | hidden[rows[t]]) under the LM head: [S] float32.
 
@@ -105,7 +132,9 @@ def linear_logprob(
         chunk's softmax probabilities, so backward skips the recompute (three products, as unfused
         autograd) at 2 bytes a logit (fp16, relative error 2^-11; the targets' probabilities stay
         fp32) on the CPU backends, a logit in the input dtype on triton. An int: a budget in bytes;
-        the tokens that fit keep theirs (whole chunks on the CPU backends), the rest recompute.
+        the tokens that fit keep theirs (whole chunks on the CPU backends), the rest recompute. With a
+        soft cap the CPU backends keep nothing (the gradient needs each logit's tanh): backward recomputes.
+    logit_scale, softcap, temperature: the model's logit post-processing, as in `aft_loss`.
     """
     checks.check_projection(hidden, weight, bias)
     checks.check_options(chunk_size=chunk_size, backend=backend)
@@ -114,9 +143,10 @@ def linear_logprob(
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)):
         keep_bytes = 0  # no backward will read them
     checks.check_tokens(hidden, weight, rows, targets, segments, num_segments)
+    post = checks.check_logit_options(logit_scale, softcap, temperature)
     inputs = LogProbInputs(
         rows=rows, targets=targets, segments=segments, num_segments=num_segments,
-        backend=resolve_backend(backend, hidden.device),
+        backend=_resolve(backend, hidden.device, post), post=post,
         chunk_size=chunk_size or default_chunk_size(weight.shape[0], rows.numel()),
         keep_bytes=keep_bytes,
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from aft_fast.ops.dispatch import get_backend
+from aft_fast.ops.logit_options import IDENTITY, LogitOptions
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class LogProbInputs:
     backend: str
     chunk_size: int
     keep_bytes: int = 0
+    post: LogitOptions = IDENTITY  # the logit post-processing (logit_scale, softcap, temperature)
 
 
 class LinearLogProbFunction(torch.autograd.Function):
@@ -33,7 +35,7 @@ class LinearLogProbFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, inputs: LogProbInputs):
         impl = get_backend(inputs.backend)
         logp, lse, kept = impl.logprob_forward(hidden, weight, bias, inputs.rows, inputs.targets,
-                                               inputs.chunk_size, inputs.keep_bytes)
+                                               inputs.chunk_size, inputs.keep_bytes, post=inputs.post)
         sums = torch.zeros(inputs.num_segments, dtype=torch.float32, device=hidden.device)
         sums.index_add_(0, inputs.segments, logp)
         ctx.save_for_backward(hidden, weight, bias, lse, logp, *kept)
@@ -48,6 +50,6 @@ class LinearLogProbFunction(torch.autograd.Function):
         coef = grad_sums.float()[inputs.segments]
         grads = impl.logprob_backward(
             hidden, weight, bias, inputs.rows, inputs.targets, lse, coef,
-            tuple(ctx.needs_input_grad[:3]), inputs.chunk_size, logp=logp, kept=kept,
+            tuple(ctx.needs_input_grad[:3]), inputs.chunk_size, logp=logp, kept=kept, post=inputs.post,
         )
         return (*grads, None)

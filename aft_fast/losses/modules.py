@@ -17,10 +17,12 @@ class AFTLoss(nn.Module):
 
     def __init__(self, mode: str = "bcl", beta: float = 1.0, w_vft: float = 1.0, w_align: float = 1.0,
                  dpo_beta: float = 0.1, pro_tau: float = 1.0, backend: str = "auto",
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, logit_scale: float = 1.0, softcap: float | None = None,
+                 temperature: float = 1.0):
         super().__init__()
         self.options = dict(mode=mode, beta=beta, w_vft=w_vft, w_align=w_align, dpo_beta=dpo_beta,
-                            pro_tau=pro_tau, backend=backend, chunk_size=chunk_size)
+                            pro_tau=pro_tau, backend=backend, chunk_size=chunk_size, logit_scale=logit_scale,
+                            softcap=softcap, temperature=temperature)
 
     def forward(self, hidden, weight, *, rows, targets, segments, group, label, is_reference,
                 ref_logp=None, bias=None):

@@ -8,7 +8,10 @@ size [T, V] is ever allocated:
       and `chunk_grad` (probabilities -> d(loss)/d(logits) -> grad_hidden, grad_weight), in fp32.
   `aft_fast.ops.triton_chunks.Chunks` (the triton backend's chunked strategy) keeps the inputs and the
       buffer in their dtype: cuBLAS products with fp32 accumulation, Triton row kernels.
-Engine protocol: Engine(hidden, weight, bias, chunk_size); SKIP_DEAD (rows whose gradient is zero by
+The logit post-processing (`post`, aft_fast/ops/logit_options.py) reaches `_Chunks` as a scale of the
+chunk's hidden rows and the bias (pre_scale) and a soft cap that the primitives apply (cap), the triton
+engine as arguments of its row kernels.
+Engine protocol: Engine(hidden, weight, bias, chunk_size, post); SKIP_DEAD (rows whose gradient is zero by
 construction go last in their chunk and are skipped); make_grads(need) -> fp32 accumulators;
 logprob(rows, targets, segments, sums, lse=None) -> (state, lse); grad(state, live, dsum, segments,
 targets, rows, grads) for the first `live` rows with coef = dsum[segments]; finish(grads). A prims
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 
 from aft_fast.ops.backend import AFTResult, ChunkPrims, Need, ObjectiveFactory
+from aft_fast.ops.logit_options import IDENTITY, LogitOptions
 
 # One [chunk, V] fp32 buffer of about this many bytes (64 MiB: 512 tokens at V = 32000) ...
 CHUNK_BYTES = 64 * 2**20
@@ -86,11 +90,13 @@ class _Chunks:
 
     SKIP_DEAD = False  # every row takes part in the gradient products (as before the engines existed)
 
-    def __init__(self, prims, hidden, weight, bias, chunk_size: int):
+    def __init__(self, prims, hidden, weight, bias, chunk_size: int, post: LogitOptions = IDENTITY):
         self.prims = prims
         self.hidden = hidden
         self.weight = weight.float()
-        self.bias = None if bias is None else bias.float()
+        # y = pre * z: folded into h and the bias; the primitives see y and apply the soft cap (cap).
+        self.pre, self.cap = post.pre_scale, post.cap
+        self.bias = None if bias is None else bias.float() * self.pre if self.pre != 1.0 else bias.float()
         self.buf = torch.empty(chunk_size, weight.shape[0], dtype=torch.float32, device=weight.device)
 
     def make_grads(self, need: tuple[bool, bool, bool]) -> tuple:
@@ -98,22 +104,25 @@ class _Chunks:
         return g.hidden, g.weight, g.bias
 
     def rows_of(self, rows):
-        """hidden[rows] in fp32: the chunk's [c, H] operand."""
-        return self.hidden.index_select(0, rows).float()
+        """pre_scale * hidden[rows] in fp32: the chunk's [c, H] operand."""
+        h = self.hidden.index_select(0, rows).float()  # a new tensor: scaled in place
+        return h.mul_(self.pre) if self.pre != 1.0 else h
 
     def logprob(self, rows, targets, segments=None, sums=None, lse=None):
         """(state, lse) of one chunk, state = (h, probs, logp), probs a view of the shared buffer; with
         `sums`, logp is added into sums[segments]. With `lse` (a recompute) it is not recomputed."""
         h = self.rows_of(rows)
         probs = self.buf[: rows.numel()]
-        logp, lse = self.prims.chunk_logprob(h, self.weight, self.bias, targets, probs, lse)
+        cap = {} if self.cap is None else {"cap": self.cap}  # only prims that take a soft cap see one
+        logp, lse = self.prims.chunk_logprob(h, self.weight, self.bias, targets, probs, lse, **cap)
         if sums is not None:
             sums.index_add_(0, segments, logp)
         return (h, probs, logp), lse
 
     def logprob_keep(self, rows, targets):
         """(logp, lse, keep, keep_scale) of one chunk, its probabilities kept in a new fp16 [c, V]
-        tensor (p = keep * keep_scale) for `grad_kept`."""
+        tensor (p = keep * keep_scale) for `grad_kept`. Not with a soft cap (see `logprob_forward`)."""
+        assert self.cap is None, "kept probabilities carry no soft-cap derivative"
         h = self.rows_of(rows)
         c, V = rows.numel(), self.weight.shape[0]
         keep = torch.empty(c, V, dtype=torch.float16, device=self.weight.device)
@@ -130,6 +139,8 @@ class _Chunks:
 
     def grad_rows(self, state, coef, targets, rows, grads: Grads) -> None:
         h, probs, _ = state
+        if self.cap is not None:  # d logits / d y = cap * (1 - tanh^2): the tanh part is in probs
+            coef = coef * self.cap
         self.prims.chunk_grad(probs, coef, targets, h, self.weight, rows,
                               grads.hidden, grads.weight, grads.bias)
 
@@ -140,15 +151,19 @@ class _Chunks:
         self.grad_rows(state, dsum[segments[:live]], targets[:live], rows[:live], grads)
 
     def finish(self, grads: Grads) -> None:
-        pass
+        """grad_hidden and grad_bias take d y / d z = pre_scale (grad_weight has it from h)."""
+        if self.pre != 1.0:
+            for g in (grads.hidden, grads.bias):
+                if g is not None:
+                    g.mul_(self.pre)
 
 
-def _engine(prims, hidden, weight, bias, chunk_size: int):
+def _engine(prims, hidden, weight, bias, chunk_size: int, post: LogitOptions = IDENTITY):
     """The prims' own engine (`prims.Chunks`) or `_Chunks` over their two functions."""
     engine = getattr(prims, "Chunks", None)
     if engine is None:
-        return _Chunks(prims, hidden, weight, bias, chunk_size)
-    return engine(hidden, weight, bias, chunk_size)
+        return _Chunks(prims, hidden, weight, bias, chunk_size, post)
+    return engine(hidden, weight, bias, chunk_size, post)
 
 
 def kept_chunks(vocab: int, tokens: int, chunk_size: int, keep_bytes: int) -> int:
@@ -159,14 +174,17 @@ def kept_chunks(vocab: int, tokens: int, chunk_size: int, keep_bytes: int) -> in
     return kept_tokens // chunk_size + (kept_tokens == tokens and tokens % chunk_size != 0)
 
 
-def logprob_forward(prims, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0):
+def logprob_forward(prims, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0,
+                    post: LogitOptions = IDENTITY):
     """Per-token (logp [T], lse [T]) in fp32, one chunk of tokens at a time, and `kept`: for the first
-    chunks that fit in keep_bytes, their probabilities (keep fp16 [c, V], keep_scale [c]), flat."""
-    chunks = _Chunks(prims, hidden, weight, bias, chunk_size)
+    chunks that fit in keep_bytes, their probabilities (keep fp16 [c, V], keep_scale [c]), flat. With a
+    soft cap nothing is kept (the gradient needs each logit's tanh, which kept probabilities lack):
+    backward recomputes."""
+    chunks = _Chunks(prims, hidden, weight, bias, chunk_size, post)
     T = rows.numel()
     logp = torch.empty(T, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(logp)
-    n_kept = kept_chunks(weight.shape[0], T, chunk_size, keep_bytes)
+    n_kept = kept_chunks(weight.shape[0], T, chunk_size, keep_bytes) if post.cap is None else 0
     kept = []
     for i, start in enumerate(range(0, T, chunk_size)):
         sl = slice(start, start + chunk_size)
@@ -180,11 +198,11 @@ def logprob_forward(prims, hidden, weight, bias, rows, targets, chunk_size: int,
 
 
 def logprob_backward(prims, hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int,
-                     logp=None, kept=()):
+                     logp=None, kept=(), post: LogitOptions = IDENTITY):
     """Gradients for d(loss)/d(logp) = coef [T]: from the kept probabilities of the first chunks (two
     products each), recomputing the other chunks' logits from `lse` (three). Tokens with coef 0 (a
     segment the caller's loss does not use) are left out of every product; a chunk of them is skipped."""
-    chunks = _Chunks(prims, hidden, weight, bias, chunk_size)
+    chunks = _Chunks(prims, hidden, weight, bias, chunk_size, post)
     grads = Grads.zeros(hidden, weight, bias, need)
     live = coef != 0
     every = bool(live.all())
@@ -205,6 +223,7 @@ def logprob_backward(prims, hidden, weight, bias, rows, targets, lse, coef, need
         else:
             state, _ = chunks.logprob(c_rows, c_targets, lse=_take(lse[sl], pick))
             chunks.grad_rows(state, c_coef, c_targets, c_rows, grads)
+    chunks.finish(grads)
     return grads.cast_like(hidden, weight, bias)
 
 
@@ -268,6 +287,7 @@ def plan_chunks(plan: Any, segments: torch.Tensor, chunk_size: int | None, sizin
 def aft_forward(
     prims, hidden, weight, bias, rows, targets, segments, counts, plan: Any, cfg: Any,
     ref_logp, need: Need, chunk_size: int | None, *, objective: ObjectiveFactory, live_seg=None,
+    post: LogitOptions = IDENTITY,
 ) -> AFTResult:
     """Loss, its parts, per-segment sums, and (when `need`) the gradients, all in one call.
 
@@ -290,7 +310,7 @@ def aft_forward(
     order, units, chunk_size = plan_chunks(plan, segments, chunk_size, sizing, live_seg)
     rows, targets, segments = rows[order], targets[order], segments[order]
 
-    chunks = _engine(prims, hidden, weight, bias, chunk_size)
+    chunks = _engine(prims, hidden, weight, bias, chunk_size, post)
     grads = Grads(*chunks.make_grads(need))
     sums = torch.zeros(counts.numel(), dtype=torch.float32, device=hidden.device)
     loss_fn = objective(counts, plan, cfg, ref_logp, grads.any)
@@ -327,16 +347,18 @@ class ChunkedBackend:
     def __init__(self, prims: ChunkPrims):
         self.prims = prims
 
-    def logprob_forward(self, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0):
-        return logprob_forward(self.prims, hidden, weight, bias, rows, targets, chunk_size, keep_bytes)
+    def logprob_forward(self, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0,
+                        post: LogitOptions = IDENTITY):
+        return logprob_forward(self.prims, hidden, weight, bias, rows, targets, chunk_size, keep_bytes,
+                               post=post)
 
     def logprob_backward(self, hidden, weight, bias, rows, targets, lse, coef, need: Need, chunk_size: int,
-                         logp=None, kept=()):
+                         logp=None, kept=(), post: LogitOptions = IDENTITY):
         return logprob_backward(self.prims, hidden, weight, bias, rows, targets, lse, coef, need, chunk_size,
-                                logp=logp, kept=kept)
+                                logp=logp, kept=kept, post=post)
 
     def aft_forward(self, hidden, weight, bias, rows, targets, segments, counts, plan, cfg, ref_logp,
                     need: Need, chunk_size: int | None, *, objective: ObjectiveFactory,
-                    live_seg=None) -> AFTResult:
+                    live_seg=None, post: LogitOptions = IDENTITY) -> AFTResult:
         return aft_forward(self.prims, hidden, weight, bias, rows, targets, segments, counts, plan, cfg,
-                           ref_logp, need, chunk_size, objective=objective, live_seg=live_seg)
+                           ref_logp, need, chunk_size, objective=objective, live_seg=live_seg, post=post)

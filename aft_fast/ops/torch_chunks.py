@@ -22,6 +22,7 @@ def chunk_logprob(
     lse: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     keep_scale: torch.Tensor | None = None,
+    cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of one chunk. h [c, H], weight [V, H], bias [V] or None, targets [c], buf [c, V].
 
@@ -29,10 +30,16 @@ def chunk_logprob(
     recompute in backward) the log-sum-exp is not recomputed. With `keep` (fp16 [c, V]) and
     `keep_scale` (fp32 [c]) the probabilities go there instead, p = keep * keep_scale, for a backward
     without recompute (`chunk_grad_kept`), and buf is scratch. Returns (logp [c], lse [c]), fp32.
+
+    cap (a soft cap, aft_fast/ops/logit_options.py): the logits are cap * tanh(h @ weight^T + bias), and
+    buf ends holding p * (1 - tanh^2), plus tanh(target)^2 at each row's target, so that `chunk_grad` with
+    coef * cap forms the gradient with respect to the pre-tanh values. Not with `keep`.
     """
     torch.mm(h, weight.t(), out=buf)
     if bias is not None:
         buf.add_(bias)
+    if cap is not None:
+        return _capped_logprob(buf, targets, lse, cap)
     target_logit = buf.gather(1, targets[:, None]).squeeze(1)
     if keep is not None:
         top = buf.amax(dim=1, keepdim=True)
@@ -45,6 +52,20 @@ def chunk_logprob(
         lse = torch.logsumexp(buf, dim=1)
     buf.sub_(lse[:, None]).exp_()
     return target_logit - lse, lse
+
+
+def _capped_logprob(buf, targets, lse, cap: float):
+    """`chunk_logprob`'s soft-capped case, buf holding y: logits = cap * tanh(y)."""
+    t = buf.tanh_()
+    t_target = t.gather(1, targets[:, None])
+    deriv = torch.square(t).neg_().add_(1.0)  # 1 - tanh^2, a [c, V] temporary (this backend is the model)
+    logits = t.mul_(cap)
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=1)
+    logits.sub_(lse[:, None]).exp_().mul_(deriv)
+    # chunk_grad adds coef at the target: with t^2 there, its entry becomes coef * (1 - t^2) * (1 - p).
+    buf.scatter_add_(1, targets[:, None], t_target.square())
+    return t_target.squeeze(1) * cap - lse, lse
 
 
 def _accumulate(g, h, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:

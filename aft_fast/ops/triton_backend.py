@@ -53,6 +53,7 @@ from aft_fast.kernels.linear_logprob_bwd import linear_logprob_bwd
 from aft_fast.ops import chunk_loop, triton_chunks
 from aft_fast.ops.backend import AFTResult, Need, ObjectiveFactory
 from aft_fast.ops.chunk_loop import Grads
+from aft_fast.ops.logit_options import IDENTITY, LogitOptions
 
 GRAD_FILTER: str = os.environ.get("AFT_FAST_GRAD_FILTER", "exact")
 STRATEGIES = ("chunked", "fused")
@@ -69,7 +70,8 @@ def kept_tokens(vocab: int, tokens: int, dtype: torch.dtype, keep_bytes: int) ->
     return min(tokens, keep_bytes // (vocab * torch.finfo(dtype).bits // 8))
 
 
-def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0):
+def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0,
+                    post: LogitOptions = IDENTITY):
     """(logp [T], lse [T]) fp32, and `kept`: the logits [n, V] in the input dtype of the first n tokens
     that fit in keep_bytes (`kept_tokens`), or nothing.
 
@@ -77,9 +79,10 @@ def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int, keep_b
     lse the row kernel `chunk_softmax_fwd` on it; the other tokens take the fused `linear_logprob_fwd`,
     which keeps no logits (`chunk_size` is unused: the fused kernels need no chunks).
     """
+    kw = post.kernel_kwargs()  # the kept logits are z: the kernels apply the post-processing as they read
     n = kept_tokens(weight.shape[0], rows.numel(), weight.dtype, keep_bytes) if keep_bytes else 0
     if n == 0:
-        logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets)
+        logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets, **kw)
         return logp, lse, []
     check_inputs(hidden, weight, bias, rows, targets)
     h = hidden.index_select(0, rows[:n])
@@ -89,23 +92,25 @@ def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int, keep_b
     else:
         torch.addmm(bias, h, weight.t(), out=logits)
     del h
-    logp, lse = chunk_softmax_fwd(logits, targets[:n])
+    logp, lse = chunk_softmax_fwd(logits, targets[:n], **kw)
     if n < rows.numel():
-        rest = linear_logprob_fwd(hidden, weight, bias, rows[n:], targets[n:])
+        rest = linear_logprob_fwd(hidden, weight, bias, rows[n:], targets[n:], **kw)
         logp, lse = (torch.cat([kept, other]) for kept, other in zip((logp, lse), rest, strict=True))
     return logp, lse, [logits]
 
 
-def _fused_grads(hidden, weight, bias, rows, targets, lse, coef, need) -> tuple:
+def _fused_grads(hidden, weight, bias, rows, targets, lse, coef, need,
+                 post: LogitOptions = IDENTITY) -> tuple:
     """fp32 gradients of sum_t coef[t] * logp[t] by the fused `linear_logprob_bwd` (recomputed logits)."""
     live = coef != 0
     if not bool(live.all()):  # drop the tokens that cannot contribute before the launch
         rows, targets, lse, coef = rows[live], targets[live], lse[live], coef[live]
     return linear_logprob_bwd(hidden, weight, bias, rows, targets, lse, coef, need=tuple(need),
-                              grad_filter=GRAD_FILTER)
+                              grad_filter=GRAD_FILTER, **post.kernel_kwargs())
 
 
-def _kept_grads(hidden, weight, bias, rows, targets, lse, coef, logits, need, grads: Grads | None) -> Grads:
+def _kept_grads(hidden, weight, bias, rows, targets, lse, coef, logits, need, grads: Grads | None,
+                post: LogitOptions = IDENTITY) -> Grads:
     """Gradients of sum_t coef[t] * logp[t] over the n kept tokens (rows, targets, lse, coef [n]) from
     their logits [n, V], added into the fp32 `grads` (None: new accumulators). The logits are left as
     they are (a second backward reads them again): slices of a chunk of the tokens with coef != 0 are
@@ -114,7 +119,7 @@ def _kept_grads(hidden, weight, bias, rows, targets, lse, coef, logits, need, gr
     live = torch.nonzero(coef != 0).squeeze(1)  # host sync: the tokens that can contribute
     m = live.numel()
     size = triton_chunks.chunk_size(weight.shape[0], m, 0, logits.dtype)
-    engine = triton_chunks.Chunks(hidden, weight, bias, size)
+    engine = triton_chunks.Chunks(hidden, weight, bias, size, post)
     if grads is None:
         grads = Grads(*engine.make_grads(need))
     else:
@@ -132,7 +137,7 @@ def _kept_grads(hidden, weight, bias, rows, targets, lse, coef, logits, need, gr
 
 
 def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int, logp=None,
-                     kept=()):
+                     kept=(), post: LogitOptions = IDENTITY):
     """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where need[i] is False).
 
     kept: `logprob_forward`'s; its n tokens take two products from their logits (`_kept_grads`), the
@@ -140,12 +145,15 @@ def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk
     (one fp32 accumulator per input in either case).
     """
     if not kept:
-        return _cast(_fused_grads(hidden, weight, bias, rows, targets, lse, coef, need), hidden, weight, bias)
+        return _cast(_fused_grads(hidden, weight, bias, rows, targets, lse, coef, need, post), hidden, weight,
+                     bias)
     n = kept[0].shape[0]
     grads = None
     if n < rows.numel():
-        grads = Grads(*_fused_grads(hidden, weight, bias, rows[n:], targets[n:], lse[n:], coef[n:], need))
-    grads = _kept_grads(hidden, weight, bias, rows[:n], targets[:n], lse[:n], coef[:n], kept[0], need, grads)
+        grads = Grads(*_fused_grads(hidden, weight, bias, rows[n:], targets[n:], lse[n:], coef[n:], need,
+                                    post))
+    grads = _kept_grads(hidden, weight, bias, rows[:n], targets[:n], lse[:n], coef[:n], kept[0], need, grads,
+                        post)
     return grads.cast_like(hidden, weight, bias)
 
 
@@ -251,7 +259,7 @@ class GroupKernelObjective:
 def aft_forward(
     hidden, weight, bias, rows, targets, segments, counts, plan: Any, cfg: Any,
     ref_logp, need: Need, chunk_size: int | None, *, objective: ObjectiveFactory | None = None,
-    live_seg=None,
+    live_seg=None, post: LogitOptions = IDENTITY,
 ) -> AFTResult:
     """Loss, its parts, per-segment sums and (where `need`) the gradients for d(loss) = 1.
 
@@ -265,14 +273,15 @@ def aft_forward(
         check_inputs(hidden, weight, bias, rows, targets)
         return chunk_loop.aft_forward(triton_chunks, hidden, weight, bias, rows, targets, segments, counts,
                                       plan, cfg, ref_logp, need, chunk_size, objective=GroupKernelObjective,
-                                      live_seg=live_seg)
-    logp, lse, _ = logprob_forward(hidden, weight, bias, rows, targets, chunk_size)
+                                      live_seg=live_seg, post=post)
+    logp, lse, _ = logprob_forward(hidden, weight, bias, rows, targets, chunk_size, post=post)
     sums = torch.zeros(counts.numel(), dtype=torch.float32, device=hidden.device)
     sums.index_add_(0, segments, logp)
     loss, vft, align, dsum = objective_with_grad(sums, counts.float(), plan, cfg, ref_logp)
     grads = (None, None, None)
     if any(need):
-        grads = logprob_backward(hidden, weight, bias, rows, targets, lse, dsum[segments], need, chunk_size)
+        grads = logprob_backward(hidden, weight, bias, rows, targets, lse, dsum[segments], need, chunk_size,
+                                 post=post)
     return AFTResult(loss=loss, vft=vft, align=align, sums=sums, grads=grads)
 
 
@@ -280,16 +289,17 @@ class TritonBackend:
     """The `Backend` of this module's functions (looked up at call time: STRATEGY and GRAD_FILTER are
     module attributes that a benchmark or a test may set)."""
 
-    def logprob_forward(self, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0):
-        return logprob_forward(hidden, weight, bias, rows, targets, chunk_size, keep_bytes)
+    def logprob_forward(self, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0,
+                        post: LogitOptions = IDENTITY):
+        return logprob_forward(hidden, weight, bias, rows, targets, chunk_size, keep_bytes, post=post)
 
     def logprob_backward(self, hidden, weight, bias, rows, targets, lse, coef, need: Need, chunk_size: int,
-                         logp=None, kept=()):
+                         logp=None, kept=(), post: LogitOptions = IDENTITY):
         return logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size, logp=logp,
-                                kept=kept)
+                                kept=kept, post=post)
 
     def aft_forward(self, hidden, weight, bias, rows, targets, segments, counts, plan, cfg, ref_logp,
                     need: Need, chunk_size: int | None, *, objective: ObjectiveFactory | None = None,
-                    live_seg=None) -> AFTResult:
+                    live_seg=None, post: LogitOptions = IDENTITY) -> AFTResult:
         return aft_forward(hidden, weight, bias, rows, targets, segments, counts, plan, cfg, ref_logp, need,
-                           chunk_size, objective=objective, live_seg=live_seg)
+                           chunk_size, objective=objective, live_seg=live_seg, post=post)

@@ -31,6 +31,7 @@ import warnings
 import torch
 
 from aft_fast.kernels import chunk_softmax, group_loss
+from aft_fast.ops.logit_options import IDENTITY, LogitOptions
 
 # The [chunk, V] buffer: about this many bytes (512 MiB: 2093 bf16 tokens at V = 128256, 4% of eager's
 # ~12.6 GB peak at T = 8192) ...
@@ -109,7 +110,8 @@ class Chunks:
 
     SKIP_DEAD = True  # the loop orders rows without gradient last in their chunk; grad() skips them
 
-    def __init__(self, hidden, weight, bias, size: int):
+    def __init__(self, hidden, weight, bias, size: int, post: LogitOptions = IDENTITY):
+        self.post = post.kernel_kwargs()  # applied by the row kernels as they read the buffer
         self.hidden = hidden
         self.weight = weight.contiguous()
         self.bias = None if bias is None else bias.contiguous()
@@ -138,7 +140,7 @@ class Chunks:
         else:
             torch.addmm(self.bias, h, self.weight.t(), out=buf)
         if lse is None:
-            _, lse = chunk_softmax.chunk_softmax_fwd(buf, targets, segments=segments, sums=sums)
+            _, lse = chunk_softmax.chunk_softmax_fwd(buf, targets, segments=segments, sums=sums, **self.post)
         return (h, buf, lse), lse
 
     def grad(self, state, live: int, dsum, segments, targets, rows, grads) -> None:
@@ -147,7 +149,7 @@ class Chunks:
         if live == 0:
             return
         g, h = buf[:live], h[:live]
-        chunk_softmax.chunk_softmax_bwd(g, targets[:live], lse[:live], dsum, segments[:live])
+        chunk_softmax.chunk_softmax_bwd(g, targets[:live], lse[:live], dsum, segments[:live], **self.post)
         if grads.hidden is not None:  # rows repeat (prompt sharing): accumulate every use
             part = mm_f32(g, self.weight)
             if part.is_cuda:
