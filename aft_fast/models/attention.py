@@ -22,6 +22,7 @@ model to it, and says what it chose and why in `AttentionPlan.note`.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass
 
@@ -96,6 +97,8 @@ def choose_kernel(
 
 def prepare(lm: torch.nn.Module, layout: str, device: torch.device) -> AttentionPlan:
     """Choose the kernel for `layout` on `device` and switch `lm` to it (only its config changes)."""
+    if layout != "padded":
+        check_padding_free(lm.config)
     param = next(lm.parameters())
     plan = choose_kernel(
         layout,
@@ -115,6 +118,41 @@ def prepare(lm: torch.nn.Module, layout: str, device: torch.device) -> Attention
 # The decoder's inputs for a padding-free batch.
 
 
+# Config fields of models whose layers mix tokens by something other than the attention mask (state-space,
+# convolution, linear-attention or recurrent layers): a packed or shared row would leak across members.
+_NON_ATTENTION_MIXING = re.compile(
+    r"mamba|ssm_|conv_|_conv|linear_attn|linear_conv|recurrent|lru_|block_type|attn_layer_")
+# Model types that do so without a config field that says it.
+_UNMASKED_MODEL_TYPES = {
+    "bloom": "ALiBi biases attention by the column in the row, not by the position id",
+    "rwkv": "recurrent layers that mix tokens other than through the attention mask",
+    "xlstm": "recurrent layers that mix tokens other than through the attention mask",
+}
+
+
+def check_padding_free(config: PretrainedConfig) -> None:
+    """Refuse, naming the config field, a model whose attention the packed/shared layouts cannot express:
+    ALiBi (biases by column in the row, not by position id) and layers that mix tokens other than through
+    attention, and per-layer attention types other than full and sliding-window attention (`_windows`)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    name = type(config).__name__
+    attn_config = getattr(config, "attn_config", None)  # MPT's: a dict or a config object
+    alibi = getattr(config, "alibi", None) or (
+        attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", None))
+    if alibi:
+        raise ValueError(f"layout packed/shared: config field alibi ({name}): ALiBi biases attention by the "
+                         "column in the row, not by the position id; use --layout padded")
+    model_type = getattr(config, "model_type", None)
+    if model_type in _UNMASKED_MODEL_TYPES:
+        raise ValueError(f"layout packed/shared: config field model_type={model_type!r}: "
+                         f"{_UNMASKED_MODEL_TYPES[model_type]}; use --layout padded")
+    for field, value in config.to_dict().items():
+        if _NON_ATTENTION_MIXING.search(field) and value not in (None, False, 0):
+            raise ValueError(f"layout packed/shared: config field {field} ({name}): layers that mix tokens "
+                             "other than through the attention mask; use --layout padded")
+    _windows(config)  # per-layer attention types
+
+
 def _windows(config: PretrainedConfig) -> dict[str, int | None] | int | None:
     """The sliding window(s) the model applies: None (full attention everywhere), one window for every
     layer (Mistral), or {layer type: window or None} for models with per-layer attention types (Qwen2)."""
@@ -126,8 +164,9 @@ def _windows(config: PretrainedConfig) -> dict[str, int | None] | int | None:
     unknown = sorted(set(layer_types) - set(known))
     if unknown:
         raise ValueError(
-            f"layout packed/shared: layer type(s) {', '.join(unknown)} of {type(config).__name__} are not "
-            "supported; use --layout padded"
+            f"layout packed/shared: config field layer_types has {', '.join(unknown)} "
+            f"({type(config).__name__}): only full_attention and sliding_attention layers take the "
+            "packed/shared mask; use --layout padded"
         )
     if "sliding_attention" not in layer_types:
         return None
@@ -205,6 +244,7 @@ def decoder_inputs(config: PretrainedConfig, batch: Batch, dtype: torch.dtype) -
             attention_mask=None,
             **flash_varlen_kwargs(batch),
         )
+    check_padding_free(config)
     windows = _windows(config)
     if kernel == "flex_attention":
         build = block_mask

@@ -13,6 +13,7 @@ from torch import nn
 from aft_fast import aft_loss, linear_logprob
 from aft_fast.data.batch import Batch
 from aft_fast.models import attention
+from aft_fast.models.logits import check_against_model, lm_head, logit_processing
 from aft_fast.options import LossOptions
 
 
@@ -35,16 +36,29 @@ def forward_hidden(lm: nn.Module, batch: Batch) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def segment_logprobs(lm: nn.Module, batch: Batch) -> torch.Tensor:
+def segment_logprobs(lm: nn.Module, batch: Batch, *, temperature: float = 1.0,
+                     backend: str = "auto") -> torch.Tensor:
     """[S] summed log-prob of each segment of `batch` under `lm`, through the fused operator (no [N, V]
-    logits): what sampling stores as the DPO reference and evaluation scores chains with."""
-    head = lm.get_output_embeddings()
+    logits): what sampling stores as the DPO reference and evaluation scores chains with.
+
+    The logits are the model's own: its post-processing (soft cap, logit scale) is read from its config
+    (`aft_fast.models.logits`), and a model the operator cannot reproduce is refused (by its config, and on
+    the first call by a probe against the model's own forward). `temperature` divides
+    them on top (1.0, the default: the model's own distribution; the sampling temperature is another
+    setting)."""
+    head = lm_head(lm)
+    processing = logit_processing(lm.config, temperature=temperature)
+    if not getattr(lm, "_aft_fast_logits_checked", False):  # once per model: one short probe forward
+        check_against_model(lm, processing)
+        lm._aft_fast_logits_checked = True
     return linear_logprob(
         forward_hidden(lm, batch),
         head.weight,
         **batch.token_index(),
         num_segments=batch.num_segments,
-        bias=getattr(head, "bias", None),
+        bias=head.bias,
+        backend=backend,
+        **processing.options(),
     )
 
 
@@ -55,37 +69,59 @@ class AFTModel(nn.Module):
     gradient back to the partitions."""
 
     def __init__(self, lm: nn.Module, options: LossOptions | None = None, **loss_options):
-        """loss_options: the keyword options of `aft_fast.aft_loss` (mode, beta, w_vft, ...). The loss is
-        called as a function, not held as a child module: DeepSpeed would hook a child's forward and
-        warn that it cannot see the tensors inside its AFTOutput."""
+        """loss_options: the keyword options of `aft_fast.aft_loss` (mode, beta, w_vft, ..., and
+        `temperature`, 1.0 by default). The logit post-processing (soft cap, logit scale) is the model's
+        own, read from its config (`aft_fast.models.logits`); a model the operator cannot reproduce is
+        refused here. The loss is called as a function, not held as a child module: DeepSpeed would hook a
+        child's forward and warn that it cannot see the tensors inside its AFTOutput."""
         super().__init__()
         if options is not None:  # the loss options as one LossOptions; the call options as keywords
             twice = sorted(set(options.names()) & set(loss_options))
             if twice:
                 raise ValueError(f"{twice[0]}: given both in options and as a keyword")
             loss_options = {**options.kwargs(), **loss_options}
+        for name in ("logit_scale", "softcap"):
+            if name in loss_options:
+                raise ValueError(f"{name}: AFTModel reads the logit post-processing from the model's config")
+        self.logits = logit_processing(lm.config, temperature=loss_options.pop("temperature", 1.0))
         self.lm = lm
         self.loss_options = loss_options
-        head = lm.get_output_embeddings()
+        head = lm_head(lm)
         if hasattr(head.weight, "ds_id"):  # a ZeRO-3 parameter
             deepspeed.zero.register_external_parameter(self, head.weight)
             if getattr(head, "bias", None) is not None:
                 deepspeed.zero.register_external_parameter(self, head.bias)
+
+    @property
+    def note(self) -> str:
+        """One line for the run log at model load: the logit post-processing read from the config and, for a
+        mixture-of-experts model, that its router auxiliary loss is left out of the AFT loss."""
+        config = self.lm.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        note = self.logits.describe()
+        moe = [k for k in ("num_local_experts", "num_experts", "n_routed_experts")
+               if getattr(config, k, None)]
+        if moe:
+            coef = getattr(config, "router_aux_loss_coef", None)
+            note += (f"; MoE ({moe[0]}={getattr(config, moe[0])}): the router auxiliary loss is left out of "
+                     f"the AFT loss (router_aux_loss_coef={coef} is not applied)")
+        return note
 
     def forward(self, **tensors: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Takes `Batch.tensors()` as keywords (DeepSpeed's hooks see tensors, not dataclasses); returns
         the AFTOutput fields as a dict for the same reason."""
         batch = Batch(**tensors)
         hidden = forward_hidden(self.lm, batch)
-        head = self.lm.get_output_embeddings()
+        head = lm_head(self.lm)
         out = aft_loss(
             hidden,
             head.weight,
             **batch.token_index(),
             **batch.group_inputs(),
             ref_logp=batch.ref_logp,
-            bias=getattr(head, "bias", None),
+            bias=head.bias,
             **self.loss_options,
+            **self.logits.options(),
         )
         return {
             "loss": out.loss,
