@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt constraints.txt $(wildcard csrc
 	$(PIP) install -q --upgrade pip "setuptools>=64" wheel
 	$(PIP) install -q -c constraints.txt "$(TORCH)"
 	$(PIP) install -q -c constraints.txt cmake ninja
-	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[dev,bench]"
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[dev,bench,trl]"
 	$(BIN)/python -c "import aft_fast, aft_fast._C; print('aft_fast', aft_fast.__version__, aft_fast._C.build_info()['cpu_capability'])"
 	touch $(STAMP)
 

@@ -1,0 +1,259 @@
+"""TRL on aft-fast's operator: TRL 1.16's fused-LM-head contract, and the AFT trainer re-exported.
+
+TRL's trainers (DPO, KTO, GRPO, RLOO, SFT) patch the model with `trl.trainer.utils.add_fused_lm_head` and
+call ``model(..., labels=labels, fused_lm_head=True)``, reading a `FusedCausalLMOutput`. `add_fused_lm_head`
+here takes the same arguments and returns the same output, with the log-probabilities (and so the loss
+and every gradient the trainers take through them) from `aft_fast.linear_logprob`. `patch_trl()` makes
+every TRL trainer use it:
+
+    from aft_fast.integrations.trl import patch_trl
+    patch_trl()  # before building the trainer
+
+Shapes: B rows, L tokens per row, H hidden, V vocab, T scored (label != -100) tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from contextlib import nullcontext
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+from trl.kernels import ChunkedLogProbFunction
+from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS
+from trl.trainer import utils as trl_utils
+from trl.trainer.utils import FusedCausalLMOutput
+
+from aft_fast import linear_logprob
+from aft_fast.constants import IGNORE_INDEX
+from aft_fast.integrations.hf import AFTConfig, AFTTrainer, register_head_for_zero3
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed
+    DTensor = None
+
+__all__ = [
+    "add_fused_lm_head",
+    "patch_trl",
+    "unpatch_trl",
+    "logit_transform",
+    "AFTConfig",
+    "AFTTrainer",
+    "FusedCausalLMOutput",
+]
+
+_TRL_ADD_FUSED_LM_HEAD = trl_utils.add_fused_lm_head
+# TRL's own tile width for the optional outputs (same value TRL passes).
+_TRL_CHUNK = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+
+
+def logit_transform(config) -> tuple[float, float | None]:
+    """(logit_scale, softcap) of a model config, read as TRL 1.16 reads them: the logits are
+    softcap * tanh(logit_scale * z / softcap) / temperature with z = h W^T + b (softcap None: no tanh)."""
+    text = config.get_text_config()
+    softcap = getattr(text, "final_logit_softcapping", None)
+    for field in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text, field, None)
+        if value is not None:  # None: the model does not scale (a real 0.0 is kept, as TRL does)
+            return float(value), softcap
+    scaling = getattr(text, "logits_scaling", None)
+    if scaling is not None:
+        # Granite and MiniCPM3 divide the logits by it; HyperCLOVA X multiplies them.
+        scale = scaling if text.model_type == "hyperclovax" else 1.0 / scaling
+        return float(scale), softcap
+    return 1.0, softcap
+
+
+def add_fused_lm_head(
+    model: transformers.PreTrainedModel,
+    temperature: float = 1.0,
+    cast_lm_head_to_fp32: bool = False,
+    outputs: tuple[str, ...] = ("log_probs",),
+) -> None:
+    """`trl.trainer.utils.add_fused_lm_head` on aft-fast's operator: same arguments, same behaviour.
+
+    ``model(..., labels=labels, fused_lm_head=True)`` runs the backbone, scores only the positions whose
+    next-token label is not -100 through `aft_fast.linear_logprob` (one segment per token, so its sums are
+    the per-token log-probabilities) and returns a `FusedCausalLMOutput`: ``log_probs`` [B, L - 1] (or
+    [B, L] with pre-shifted ``shift_labels``), zero where the label is -100; ``loss``, the negative
+    log-likelihood summed over scored tokens / ``num_items_in_batch`` (their count when not given), plus
+    the MoE load-balancing loss when router logits are requested; ``label_mask``. Without
+    ``fused_lm_head=True`` the original forward runs, so generation is unchanged.
+
+    outputs: TRL's optional per-token fields ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+        are computed, when asked for, by TRL's own kernel on the scored tokens (one more pass over the
+        head; the entropy keeps its gradient, as GRPO's entropy bonus needs). "log_probs" always is ours.
+    temperature: the logits are divided by it. The config's soft cap (final_logit_softcapping) and logit
+        scale (logit_scale, output_multiplier, lm_head_multiplier, logits_scaling) are read as TRL reads
+        them and applied by the operator.
+
+    Add the head before wrapping the model with PEFT. Under DeepSpeed ZeRO-3 the head weight is
+    registered as an external parameter of `model`, so it stays gathered from this forward through its
+    backward (the operator reads it in both).
+    """
+    unknown = set(outputs) - {"log_probs", *OPTIONAL_OUTPUTS}
+    if unknown:
+        raise ValueError(
+            f"outputs: unknown field(s) {sorted(unknown)}; expected among log_probs, "
+            f"{', '.join(OPTIONAL_OUTPUTS)}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be positive, got {temperature!r}")
+    logit_scale, softcap = logit_transform(model.config)
+    extras = tuple(name for name in OPTIONAL_OUTPUTS if name in outputs)
+    text_config = model.config.get_text_config()
+    backbone_attr = "base_model"
+    if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
+        backbone_attr = "model"
+    register_head_for_zero3(model)
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)  # `generate` validates its kwargs against this signature
+    def _fused_forward(
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+    ):
+        if not fused_lm_head:
+            for name, value in (
+                ("labels", labels),
+                ("shift_labels", shift_labels),
+                ("num_items_in_batch", num_items_in_batch),
+            ):
+                if value is not None:
+                    kwargs[name] = value
+            return original_forward(*args, **kwargs)
+        if labels is None and shift_labels is None:
+            raise ValueError("fused_lm_head=True needs labels (or shift_labels): the tokens to score")
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        # Looked up on each call: FSDP and PEFT replace the backbone and head after patching.
+        backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
+        hidden = backbone_outputs.last_hidden_state
+        head = self.get_output_embeddings()
+        if shift_labels is None:
+            labels = labels[:, 1:]
+            hidden = hidden[:, :-1]
+        else:
+            labels = shift_labels
+        hidden = hidden.to(head.weight.device)
+        labels = labels.to(head.weight.device)
+        mask = labels != IGNORE_INDEX
+        per_token = _score(
+            hidden, head, labels, mask, temperature, logit_scale, softcap, cast_lm_head_to_fp32, extras
+        )
+        log_probs, extra = per_token
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / count
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _load_balancing_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(
+            loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux_loss, **extra
+        )
+
+    model.forward = types.MethodType(_fused_forward, model)
+
+
+def _score(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    logit_scale: float,
+    softcap: float | None,
+    cast_fp32: bool,
+    extras: tuple[str, ...],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Per-token log-probs [*mask.shape] (fp32, 0 where masked) and TRL's optional fields for them."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if DTensor is not None and isinstance(weight, DTensor):  # FSDP2 with the head sharded on its own
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    device = hidden.device
+    if cast_fp32:
+        dtype, ctx = torch.float32, torch.autocast(device.type, enabled=False)
+    elif torch.is_autocast_enabled(device.type):
+        # Autocast does not reach into a custom autograd Function: cast as the head's matmul would be cast.
+        dtype, ctx = torch.get_autocast_dtype(device.type), torch.autocast(device.type, enabled=False)
+    else:
+        dtype, ctx = hidden.dtype, nullcontext()
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    rows = mask.reshape(-1).nonzero().flatten()
+    targets = labels.reshape(-1)[rows]
+    log_probs = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+    extra: dict[str, torch.Tensor | None] = {name: None for name in OPTIONAL_OUTPUTS}
+    if rows.numel() == 0:
+        # Keep the output connected to the model, so that an all-masked micro batch backpropagates a zero.
+        log_probs = log_probs + flat.sum() * 0.0
+        for name in extras:
+            extra[name] = torch.zeros(
+                mask.shape, dtype=torch.bool if name == "is_top1" else torch.float32, device=device
+            )
+        return log_probs, extra
+    with ctx:
+        h, w = flat.to(dtype), weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        scored = linear_logprob(
+            h,
+            w,
+            rows=rows,
+            targets=targets,
+            segments=torch.arange(rows.numel(), device=device),
+            num_segments=rows.numel(),
+            bias=b,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            temperature=temperature,
+        )
+        if extras:
+            fields = ChunkedLogProbFunction.apply(
+                h[rows], w, b, targets, temperature, _TRL_CHUNK, softcap, logit_scale, extras
+            )
+            for name, value in zip(OPTIONAL_OUTPUTS, fields[1:], strict=True):
+                if value is not None:
+                    extra[name] = value.new_zeros(mask.shape).masked_scatter(mask, value)
+    log_probs = log_probs.masked_scatter(mask, scored)
+    return log_probs, extra
+
+
+def _load_balancing_loss(model: nn.Module, text_config, backbone_outputs, attention_mask) -> torch.Tensor:
+    """The MoE load-balancing loss the model's own forward adds (Mixtral's, which MoE families share)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    if Version(transformers.__version__) < Version("5.0.0"):
+        experts, per_token = model.num_experts, model.num_experts_per_tok
+    else:
+        experts = getattr(text_config, "num_experts", None) or getattr(model, "num_experts", None)
+        per_token = text_config.num_experts_per_tok
+    return load_balancing_loss_func(backbone_outputs.router_logits, experts, per_token, attention_mask)
+
+
+def _trl_modules() -> list[types.ModuleType]:
+    return [m for name, m in list(sys.modules.items()) if (name == "trl" or name.startswith("trl.")) and m]
+
+
+def patch_trl() -> None:
+    """Make every TRL trainer (DPO, KTO, GRPO, RLOO, SFT, and the experimental ones that use it) add
+    aft-fast's fused LM head instead of TRL's: replaces `add_fused_lm_head` in `trl.trainer.utils` and in
+    every loaded TRL module that imported it (trainer modules imported later pick up the patched one).
+    Call before building the trainer; `unpatch_trl()` undoes it."""
+    _swap(_TRL_ADD_FUSED_LM_HEAD, add_fused_lm_head)
+
+
+def unpatch_trl() -> None:
+    """Put TRL's own `add_fused_lm_head` back where `patch_trl` replaced it."""
+    _swap(add_fused_lm_head, _TRL_ADD_FUSED_LM_HEAD)
+
+
+def _swap(old, new) -> None:
+    for module in _trl_modules():
+        # vars(): a lazy TRL module would import on getattr; only names already bound need replacing.
+        if vars(module).get("add_fused_lm_head") is old:
+            module.add_fused_lm_head = new

@@ -1,0 +1,91 @@
+"""One rank of the 2-process AFTTrainer test (tests/test_aft_trainer_distributed.py): trains a tiny Llama for
+two steps with the Trainer's accelerate (DDP on gloo, or DeepSpeed ZeRO-3 on the CPU), records the groups
+each step saw, saves the final model.
+
+    accelerate launch --multi_gpu --num_processes 2 tests/_aft_trainer_worker.py \
+        OUT TOKENIZER CANDIDATES ddp|zero3
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from aft_fast.integrations.trl import AFTConfig, AFTTrainer, patch_trl
+from tests._integration_support import tiny_llama
+
+LR = 0.5
+ZERO3 = {
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    # Every parameter partitioned (threshold 0), so the LM head is really gathered for the fused loss.
+    "zero_optimization": {
+        "stage": 3,
+        "overlap_comm": False,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    "steps_per_print": 10**9,
+    "wall_clock_breakdown": False,
+}
+
+
+def main(out: Path, tokenizer_dir: str, candidates: str, backend: str) -> None:
+    torch.set_num_threads(1)
+    args = AFTConfig(
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        max_length=64,
+        deepspeed=ZERO3 if backend == "zero3" else None,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    patch_trl()  # harmless here, and the README's line: the trainer must work with it in place
+    model = tiny_llama(len(tokenizer), tie=True)  # the same initial weights on every rank (seeded)
+    trainer = AFTTrainer(model, args, candidates, processing_class=tokenizer)
+    seen, collator = [], trainer.data_collator
+
+    def collate_and_keep(items):
+        seen.append(copy.deepcopy(items))
+        return collator(items)
+
+    trainer.data_collator = collate_and_keep
+    trainer.train()
+    trainer.save_model()
+    rank = trainer.accelerator.process_index
+    torch.save(seen[:2], out / f"items_rank{rank}.pt")
+    if rank == 0:
+        (out / "result.json").write_text(
+            json.dumps(
+                {
+                    "world_size": trainer.accelerator.num_processes,
+                    "distributed_type": str(trainer.accelerator.distributed_type),
+                    "steps": trainer.state.global_step,
+                    "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
