@@ -223,3 +223,37 @@ def test_bad_options_are_refused_by_name(name, value):
     with pytest.raises(ValueError, match=f"^{name}: "):
         aft_fast.linear_logprob(p.hidden, p.weight, rows=p.rows, targets=p.targets, segments=p.segments,
                                 num_segments=p.group.numel(), backend="torch", **{name: value})
+
+
+def test_auto_runs_a_soft_cap_where_it_can():
+    """backend "auto" on the CPU: a soft cap goes to a backend that takes it (torch while the C++ ops lack
+    one), never to one that would drop it."""
+    p = make_problem(seed=12)
+    args = dict(rows=p.rows, targets=p.targets, segments=p.segments, num_segments=p.group.numel())
+    auto = aft_fast.linear_logprob(p.hidden, p.weight, **args, softcap=4.0)
+    ref = linear_logprob_ref(p.hidden, p.weight, **args, softcap=4.0)
+    torch.testing.assert_close(auto, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+def test_triton_on_cuda(monkeypatch, dtype, strategy):
+    """The compiled kernels (not the interpreter) with all three options: aft_loss in both strategies and
+    linear_logprob, values and gradients within the tolerance rule."""
+    from aft_fast.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "STRATEGY", strategy)
+    kw = dict(OPTIONS["together"], mode="bcl", beta=0.5)
+    p = make_problem(seed=13, bias=True, dtype=dtype).to(device="cuda")
+    gold = _aft_run(aft_loss_ref, p.to(dtype=torch.float64), **kw)
+    ref = _aft_run(aft_loss_ref, p, **kw)
+    ours = _aft_run(aft_fast.aft_loss, p, backend="triton", **kw)
+    _assert_within_rule(ours, ref, gold, dtype, AFT_NAMES)
+    upstream = torch.randn(p.group.numel(), generator=torch.Generator().manual_seed(2)).cuda()
+    lp = dict(OPTIONS["together"])
+    gold = _logprob_run(linear_logprob_ref, p.to(dtype=torch.float64), upstream, **lp)
+    ref = _logprob_run(linear_logprob_ref, p, upstream, **lp)
+    ours = _logprob_run(aft_fast.linear_logprob, p, upstream, backend="triton", **lp)
+    _assert_within_rule(ours, ref, gold, dtype, ["sums", "grad_hidden", "grad_weight", "grad_bias"])
