@@ -199,6 +199,9 @@ def test_bad_arguments_are_refused():
         aft_trl.add_fused_lm_head(model, outputs=("log_probs", "logits"))
     with pytest.raises(ValueError, match="temperature"):
         aft_trl.add_fused_lm_head(model, temperature=0.0)
+    # A logit post-processing the operator does not know is refused by its config field, never ignored.
+    with pytest.raises(ValueError, match="final_logit_scale_hack"):
+        aft_trl.add_fused_lm_head(tiny_llama(VOCAB, final_logit_scale_hack=2.0))
     aft_trl.add_fused_lm_head(model)
     with pytest.raises(ValueError, match="labels"):
         model(input_ids=batch()[0], fused_lm_head=True)

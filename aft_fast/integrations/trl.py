@@ -31,6 +31,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 from aft_fast import linear_logprob
 from aft_fast.constants import IGNORE_INDEX
 from aft_fast.integrations.hf import AFTConfig, AFTTrainer, register_head_for_zero3
+from aft_fast.models.logits import LogitProcessing, lm_head, logit_processing
 
 try:
     from torch.distributed.tensor import DTensor
@@ -41,7 +42,6 @@ __all__ = [
     "add_fused_lm_head",
     "patch_trl",
     "unpatch_trl",
-    "logit_transform",
     "AFTConfig",
     "AFTTrainer",
     "FusedCausalLMOutput",
@@ -50,23 +50,6 @@ __all__ = [
 _TRL_ADD_FUSED_LM_HEAD = trl_utils.add_fused_lm_head
 # TRL's own tile width for the optional outputs (same value TRL passes).
 _TRL_CHUNK = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
-
-
-def logit_transform(config) -> tuple[float, float | None]:
-    """(logit_scale, softcap) of a model config, read as TRL 1.16 reads them: the logits are
-    softcap * tanh(logit_scale * z / softcap) / temperature with z = h W^T + b (softcap None: no tanh)."""
-    text = config.get_text_config()
-    softcap = getattr(text, "final_logit_softcapping", None)
-    for field in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(text, field, None)
-        if value is not None:  # None: the model does not scale (a real 0.0 is kept, as TRL does)
-            return float(value), softcap
-    scaling = getattr(text, "logits_scaling", None)
-    if scaling is not None:
-        # Granite and MiniCPM3 divide the logits by it; HyperCLOVA X multiplies them.
-        scale = scaling if text.model_type == "hyperclovax" else 1.0 / scaling
-        return float(scale), softcap
-    return 1.0, softcap
 
 
 def add_fused_lm_head(
@@ -90,7 +73,8 @@ def add_fused_lm_head(
         head; the entropy keeps its gradient, as GRPO's entropy bonus needs). "log_probs" always is ours.
     temperature: the logits are divided by it. The config's soft cap (final_logit_softcapping) and logit
         scale (logit_scale, output_multiplier, lm_head_multiplier, logits_scaling) are read as TRL reads
-        them and applied by the operator.
+        them (`aft_fast.models.logits`) and applied by the operator; a post-processing it does not know,
+        or a head that is not an nn.Linear, raises UnsupportedModelError (a ValueError) naming it.
 
     Add the head before wrapping the model with PEFT. Under DeepSpeed ZeRO-3 the head weight is
     registered as an external parameter of `model`, so it stays gathered from this forward through its
@@ -102,9 +86,9 @@ def add_fused_lm_head(
             f"outputs: unknown field(s) {sorted(unknown)}; expected among log_probs, "
             f"{', '.join(OPTIONAL_OUTPUTS)}"
         )
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be positive, got {temperature!r}")
-    logit_scale, softcap = logit_transform(model.config)
+    # The model's own post-processing, read as TRL reads it; an unknown one is refused by field name.
+    processing = logit_processing(model.config, temperature=temperature)
+    lm_head(model)
     extras = tuple(name for name in OPTIONAL_OUTPUTS if name in outputs)
     text_config = model.config.get_text_config()
     backbone_attr = "base_model"
@@ -143,9 +127,7 @@ def add_fused_lm_head(
         hidden = hidden.to(head.weight.device)
         labels = labels.to(head.weight.device)
         mask = labels != IGNORE_INDEX
-        per_token = _score(
-            hidden, head, labels, mask, temperature, logit_scale, softcap, cast_lm_head_to_fp32, extras
-        )
+        per_token = _score(hidden, head, labels, mask, processing, cast_lm_head_to_fp32, extras)
         log_probs, extra = per_token
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
@@ -165,9 +147,7 @@ def _score(
     head: nn.Module,
     labels: torch.Tensor,
     mask: torch.Tensor,
-    temperature: float,
-    logit_scale: float,
-    softcap: float | None,
+    processing: LogitProcessing,
     cast_fp32: bool,
     extras: tuple[str, ...],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
@@ -208,13 +188,19 @@ def _score(
             segments=torch.arange(rows.numel(), device=device),
             num_segments=rows.numel(),
             bias=b,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            temperature=temperature,
+            **processing.options(),
         )
         if extras:
             fields = ChunkedLogProbFunction.apply(
-                h[rows], w, b, targets, temperature, _TRL_CHUNK, softcap, logit_scale, extras
+                h[rows],
+                w,
+                b,
+                targets,
+                processing.temperature,
+                _TRL_CHUNK,
+                processing.softcap,
+                processing.logit_scale,
+                extras,
             )
             for name, value in zip(OPTIONAL_OUTPUTS, fields[1:], strict=True):
                 if value is not None:
