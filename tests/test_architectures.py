@@ -255,3 +255,39 @@ def test_check_against_model_catches_what_no_field_announces():
     odd = Halved(lm.config).eval()
     with pytest.raises(UnsupportedModelError, match="differ from the fused operator's"):
         check_against_model(odd, logit_processing(odd.config))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixture of experts: the router's load-balancing loss, as the model's own forward adds it.
+
+
+def test_router_aux_loss_joins_when_the_config_asks():
+    """With output_router_logits set (Mixtral's own forward then adds router_aux_loss_coef x the load
+    balancing loss to its training loss) AFTModel's loss adds the same term, its value the model's own
+    aux_loss, in the padded layout and the packed one (the same tokens, the same padding mask), and its
+    gradient reaches the router. Without it, nothing is added and the run-log note says so."""
+    from aft_fast.models.forward import AFTModel
+
+    items = make_items(n_groups=2)
+    plain = AFTModel(build("mixtral"), mode="vft")
+    assert plain.router_aux is None and "left out" in plain.note
+    lm = build("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
+    model = AFTModel(lm, mode="bcl", beta=0.5)
+    assert "router auxiliary loss added" in model.note
+    padded = collate(items, pad_id=PAD, max_length=64)
+    with torch.no_grad():
+        own_aux = lm(input_ids=padded.input_ids, attention_mask=padded.attention_mask).aux_loss
+    for layout in ("padded", "packed"):
+        attention.prepare(lm, layout, CPU)
+        b = collate(items, pad_id=PAD, max_length=64, layout=layout)
+        lm.zero_grad()
+        out = model(**b.tensors())
+        torch.testing.assert_close(out["router_aux_loss"], own_aux, rtol=1e-5, atol=1e-7)
+        out["loss"].backward()
+        with_aux = lm.model.layers[0].mlp.gate.weight.grad.clone()
+        lm.zero_grad()
+        fused = aft_fast.aft_loss(forward_hidden(lm, b), lm.lm_head.weight, **b.token_index(),
+                                  **b.group_inputs(), mode="bcl", beta=0.5).loss
+        torch.testing.assert_close(out["loss"].detach(), fused.detach() + 0.5 * own_aux, rtol=1e-5, atol=1e-6)
+        fused.backward()
+        assert float((with_aux - lm.model.layers[0].mlp.gate.weight.grad).abs().max()) > 1e-6

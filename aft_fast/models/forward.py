@@ -13,7 +13,7 @@ from torch import nn
 from aft_fast import aft_loss, linear_logprob
 from aft_fast.data.batch import Batch
 from aft_fast.models import attention
-from aft_fast.models.logits import check_against_model, lm_head, logit_processing
+from aft_fast.models.logits import UnsupportedModelError, check_against_model, lm_head, logit_processing
 from aft_fast.options import LossOptions
 
 
@@ -24,6 +24,13 @@ def forward_hidden(lm: nn.Module, batch: Batch) -> torch.Tensor:
     with its 2-D padding mask; packed and shared with their position ids and the mask in the form the model's
     attention kernel takes (aft_fast/models/attention.py; `attention.prepare` picks the kernel). Row n of the
     result is position n % L of row n // L in every case (flash-attn's single row keeps that order)."""
+    hidden = decoder_outputs(lm, batch).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def decoder_outputs(lm: nn.Module, batch: Batch, **extra):
+    """The decoder's output for `batch` in its layout (see `forward_hidden`); `extra` goes to the decoder
+    (output_router_logits=True for a mixture of experts' router logits)."""
     base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
     if batch.layout == "padded":
         inputs = dict(
@@ -31,9 +38,24 @@ def forward_hidden(lm: nn.Module, batch: Batch) -> torch.Tensor:
         )
     else:
         inputs = attention.decoder_inputs(lm.config, batch, next(base.parameters()).dtype)
-    out = base(**inputs, use_cache=False)
-    hidden = out.last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])
+    return base(**inputs, use_cache=False, **extra)
+
+
+def router_aux_options(config) -> tuple[float, int, int] | None:
+    """(router_aux_loss_coef, experts, experts per token) when the model's own forward adds the router's
+    load-balancing loss to its training loss (a mixture of experts whose config sets output_router_logits,
+    as Mixtral's forward reads it, and TRL's fused head does), else None."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(config, "output_router_logits", False):
+        return None
+    experts = next((getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if getattr(config, k, None)), None)
+    top_k, coef = getattr(config, "num_experts_per_tok", None), getattr(config, "router_aux_loss_coef", None)
+    if experts is None or top_k is None or coef is None:
+        raise UnsupportedModelError(
+            "config field output_router_logits: set, but the config lacks the expert count, "
+            "num_experts_per_tok or router_aux_loss_coef that the router auxiliary loss needs")
+    return float(coef), int(experts), int(top_k)
 
 
 def segment_logprobs(lm: nn.Module, batch: Batch, *, temperature: float = 1.0,
@@ -84,6 +106,7 @@ class AFTModel(nn.Module):
             if name in loss_options:
                 raise ValueError(f"{name}: AFTModel reads the logit post-processing from the model's config")
         self.logits = logit_processing(lm.config, temperature=loss_options.pop("temperature", 1.0))
+        self.router_aux = router_aux_options(lm.config)
         self.lm = lm
         self.loss_options = loss_options
         head = lm_head(lm)
@@ -95,23 +118,29 @@ class AFTModel(nn.Module):
     @property
     def note(self) -> str:
         """One line for the run log at model load: the logit post-processing read from the config and, for a
-        mixture-of-experts model, that its router auxiliary loss is left out of the AFT loss."""
+        mixture of experts, whether its router auxiliary loss joins the AFT loss."""
         config = self.lm.config
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         note = self.logits.describe()
         moe = [k for k in ("num_local_experts", "num_experts", "n_routed_experts")
                if getattr(config, k, None)]
-        if moe:
+        if self.router_aux is not None:
+            note += (f"; MoE: router auxiliary loss added, {self.router_aux[0]:g} x load balancing "
+                     "(config output_router_logits, as the model's own forward)")
+        elif moe:
             coef = getattr(config, "router_aux_loss_coef", None)
             note += (f"; MoE ({moe[0]}={getattr(config, moe[0])}): the router auxiliary loss is left out of "
-                     f"the AFT loss (router_aux_loss_coef={coef} is not applied)")
+                     f"the AFT loss, as in the model's own forward (config output_router_logits is off; "
+                     f"router_aux_loss_coef={coef} is not applied)")
         return note
 
     def forward(self, **tensors: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Takes `Batch.tensors()` as keywords (DeepSpeed's hooks see tensors, not dataclasses); returns
         the AFTOutput fields as a dict for the same reason."""
         batch = Batch(**tensors)
-        hidden = forward_hidden(self.lm, batch)
+        extra = {} if self.router_aux is None else {"output_router_logits": True}
+        dec = decoder_outputs(self.lm, batch, **extra)
+        hidden = dec.last_hidden_state.reshape(-1, dec.last_hidden_state.shape[-1])
         head = lm_head(self.lm)
         out = aft_loss(
             hidden,
@@ -123,9 +152,17 @@ class AFTModel(nn.Module):
             **self.loss_options,
             **self.logits.options(),
         )
-        return {
+        result = {
             "loss": out.loss,
             "scores": out.scores,
             "vft_loss": out.vft_loss,
             "align_loss": out.align_loss,
         }
+        if self.router_aux is not None:  # as the model's own forward (and TRL's fused head) add it
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            coef, experts, top_k = self.router_aux
+            aux = load_balancing_loss_func(dec.router_logits, experts, top_k, batch.attention_mask)
+            result["loss"] = out.loss + coef * aux
+            result["router_aux_loss"] = aux.detach()
+        return result
