@@ -107,6 +107,18 @@ def test_steps_equal_the_reference_aft_loss(tokenizer, tmp_path, mode):
     assert len(logged) == 2 and all(log["vft_loss"] > 0 for log in logged)
 
 
+def test_evaluate_is_the_reference_loss(tokenizer, tmp_path):
+    model = tiny_llama(len(tokenizer))
+    groups = make_groups()
+    args = config(tmp_path, per_device_eval_batch_size=4, w_vft=0.5)
+    trainer = AFTTrainer(model, args, groups, eval_dataset=groups, processing_class=tokenizer)
+    metrics = trainer.evaluate()
+    items = [trainer.eval_dataset[i] for i in range(4)]
+    loss, _ = reference_step(tiny_llama(len(tokenizer)), items, tokenizer, mode="bcl", w_vft=0.5)
+    assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["eval_vft_loss"] > 0 and "eval_align_loss" in metrics
+
+
 def test_dataset_and_jsonl_encode_the_same(tokenizer, tmp_path):
     groups = make_groups()
     write_candidates(tmp_path / "c.jsonl", groups)

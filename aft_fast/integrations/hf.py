@@ -323,6 +323,15 @@ class AFTTrainer(Trainer):
         self._metrics[mode]["align_loss"].append(parts[1].item())
         return (out["loss"], out) if return_outputs else out["loss"]
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the AFT loss of the batch (its inputs hold no `labels` for the Trainer to find), and
+        the per-segment scores as the predictions."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach()
+        return (loss, None, None) if prediction_loss_only else (loss, out["scores"], inputs["label"])
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
