@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test bench clean
+.PHONY: install test lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,14 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt constraints.txt $(wildcard csrc
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Ruff and mypy at the versions pinned in constraints.txt (the dev extra); configuration in pyproject.toml.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/python -m mypy
 
 # The whole method (vft, eval, sample, aft, eval) on the embedded default task: DeepSpeed ZeRO-3 on
 # 2 CPU processes (gloo), on a free port. Outputs and the summary table: runs/default/.

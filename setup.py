@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -46,6 +46,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
+    # Every package under aft_fast/, found rather than listed (tests/test_packaging.py); the Triton kernels
+    # live in kernels/ and install as aft_fast.kernels, a mapping that pyproject's packages.find cannot make.
+    packages=[*find_packages(include=["aft_fast", "aft_fast.*"]), "aft_fast.kernels"],
     package_dir={"aft_fast": "aft_fast", "aft_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("aft_fast._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -7,7 +7,7 @@ those of the public API (tests/test_options.py holds every signature that spells
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
@@ -53,4 +53,4 @@ class LossOptions:
 
     def as_floats(self) -> LossOptions:
         """The numeric options as floats (ints are accepted at the API; the kernels take floats)."""
-        return replace(self, **{name: float(getattr(self, name)) for name in self.names() if name != "mode"})
+        return LossOptions(self.mode, *(float(getattr(self, name)) for name in self.names()[1:]))

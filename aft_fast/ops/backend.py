@@ -62,6 +62,7 @@ class ChunkPrims(Protocol):
         targets: torch.Tensor,
         buf: torch.Tensor,
         lse: torch.Tensor | None = None,
+        *,
         keep: torch.Tensor | None = None,
         keep_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,7 +70,7 @@ def kept_tokens(vocab: int, tokens: int, dtype: torch.dtype, keep_bytes: int) ->
     return min(tokens, keep_bytes // (vocab * torch.finfo(dtype).bits // 8))
 
 
-def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0,
+def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int | None, keep_bytes: int = 0,
                     post: LogitOptions = IDENTITY):
     """(logp [T], lse [T]) fp32, and `kept`: the logits [n, V] in the input dtype of the first n tokens
     that fit in keep_bytes (`kept_tokens`), or nothing.
@@ -136,8 +136,8 @@ def _kept_grads(hidden, weight, bias, rows, targets, lse, coef, logits, need, gr
     return grads
 
 
-def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int, logp=None,
-                     kept=(), post: LogitOptions = IDENTITY):
+def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int | None,
+                     logp=None, kept=(), post: LogitOptions = IDENTITY):
     """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where need[i] is False).
 
     kept: `logprob_forward`'s; its n tokens take two products from their logits (`_kept_grads`), the

@@ -1,0 +1,6 @@
+# Types of the C++ extension (csrc/bindings.cpp). Its ops register as torch.ops.aft_fast.*, typed by their
+# schema strings and wrapped in aft_fast/ops/cpp_chunks.py; these are the module's own functions.
+from typing import Any
+
+def build_info() -> dict[str, Any]: ...
+def cpu_info() -> dict[str, Any]: ...
