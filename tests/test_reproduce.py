@@ -1,6 +1,8 @@
-"""`benchmarks/reproduce.py --quick` end to end: every stage of the reproduction at toy size (VFT, the two
-candidate files, the arms over two seeds, evaluation, report). The numbers mean nothing at this size; the
-test checks that the outputs exist and agree with each other and with the held-out candidate file."""
+"""`benchmarks/reproduce.py --quick` end to end: every stage of the reproduction at toy size (VFT, the
+candidate files, the beta sweep on the validation split, the arms under both label rules over two seeds in
+two worker processes, evaluation, report), then a second invocation that reuses every finished arm. The
+numbers mean nothing at this size; the test checks that the outputs exist and agree with each other and with
+the held-out candidate file, recomputing what it checks from the per-seed values."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from scipy import stats
 
 from aft_fast.data.candidates import read_candidates
 from tests._train_support import ROOT, clean_env
@@ -16,18 +19,22 @@ from tests._train_support import ROOT, clean_env
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("reproduce")
-    work, out = root / "work", root / "out"
-    r = subprocess.run(
-        [sys.executable, "benchmarks/reproduce.py", "--quick", f"--work_dir={work}", f"--out={out}"],
+def _reproduce(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "benchmarks/reproduce.py", *args],
         cwd=ROOT,
         env=clean_env(TOKENIZERS_PARALLELISM="false"),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1200,  # about 3 min on 2 idle cores; far more when they are shared
     )
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("reproduce")
+    work, out = root / "work", root / "out"
+    r = _reproduce("--quick", f"--work_dir={work}", f"--out={out}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return {
         "work": work,
@@ -38,69 +45,117 @@ def quick(tmp_path_factory) -> dict:
     }
 
 
-def test_every_arm_and_seed_has_a_result(quick):
+def _per_seed(raw: dict, label: str, arm: str, key: str = "accuracy") -> dict[int, float]:
+    want = "-" if arm == "control" else label
+    return {
+        r["job"]["seed"]: r["metrics"][key]
+        for r in raw["results"]
+        if r["job"]["arm"] == arm and r["job"]["label"] == want
+    }
+
+
+def test_every_arm_rule_and_seed_has_a_result(quick):
     raw = quick["json"]
-    arms, seeds = raw["plan"]["arms"], raw["plan"]["seeds"]
-    assert len(arms) >= 4 and len(seeds) >= 2  # the control, AFT, a baseline and its +bc; a spread
-    assert "vft-continued" in arms and any(a.endswith("+bc") for a in arms)
-    got = sorted((r["arm"], r["seed"]) for r in raw["results"])
-    assert got == sorted((a, s) for a in arms for s in seeds)
-    n_test = raw["plan"]["base"]["synthetic_test"]
+    plan = raw["plan"]
+    arms, seeds, labels = plan["arms"], plan["seeds"], plan["labels"]
+    assert {"control", "rft", "bcl"} <= set(arms) and any(a.endswith("+bc") for a in arms)
+    assert labels == ["answer", "verified"] and len(seeds) >= 2
+    assert raw["seeds"] == seeds  # the seeds actually run
+    want = sorted(
+        [("-", "control", s) for s in seeds]
+        + [(lab, a, s) for lab in labels for a in arms if a != "control" for s in seeds]
+    )
+    assert sorted((r["job"]["label"], r["job"]["arm"], r["job"]["seed"]) for r in raw["results"]) == want
+    n_test = plan["base"]["synthetic_test"]
     for r in raw["results"]:
-        s = r["summary"]
-        assert s["questions"] == n_test
-        assert 0.0 <= s["eval/accuracy"] <= 1.0
-        assert s["eval/perplexity"] >= 1.0  # exp of a mean NLL, which is >= 0
+        m = r["metrics"]
+        assert r["summary"]["questions"] == n_test
+        for k in ("accuracy", "chain_accuracy", "rerank_accuracy", "self_consistency"):
+            assert 0.0 <= m[k] <= 1.0, k
+        assert m["chain_accuracy"] <= m["accuracy"]  # right reasoning is a subset of right answers
         assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
+    # rft trained on more than the references: its metrics.jsonl logged the aft stage with loss vft.
+    assert all(r["train_metrics"]["train/align_loss"] == 0.0 for r in raw["results"]
+               if r["job"]["arm"] in ("control", "rft"))
 
 
-def test_assessment_counts_match_the_held_out_file(quick):
-    """Every arm scores the same held-out chains: its pair and question counts are those of the file."""
+def test_assessment_pairs_match_the_held_out_file(quick):
+    """Every arm scores the same held-out chains: its pair counts under both rules are the file's."""
     groups = read_candidates(quick["work"] / "base" / "heldout_test.jsonl")
-    pairs, questions = 0, 0
-    for g in groups:
-        pos = sum(c.correct for c in g.candidates)
-        neg = len(g.candidates) - pos
-        pairs += pos * neg
-        questions += pos > 0 and neg > 0
+    want = {}
+    for rule in ("answer", "verified"):
+        pairs = 0
+        for g in groups:
+            pos = sum(bool(c.answer_correct) and (rule == "answer" or bool(c.chain_ok)) for c in g.candidates)
+            pairs += pos * (len(g.candidates) - pos)
+        want[rule] = pairs
     raw = quick["json"]
-    for s in [raw["start"]["summary"], *(r["summary"] for r in raw["results"])]:
-        assert s["eval/fixed_assess_pairs"] == pairs
-        assert s["eval/fixed_assess_questions"] == questions
-        acc = s["eval/fixed_assess_acc"]
-        assert (acc is None) if pairs == 0 else (0.0 <= acc <= 1.0)
+    for r in [raw["start"], *raw["results"]]:
+        assert r["pairs"] == want
 
 
-def test_markdown_table_agrees_with_the_json(quick):
+def test_beta_is_the_validation_argmax(quick):
+    raw = quick["json"]
+    for label, beta in raw["betas"].items():
+        sweep = {
+            r["job"]["beta"]: r["metrics"]["accuracy"] for r in raw["sweep"] if r["job"]["label"] == label
+        }
+        assert set(sweep) == set(raw["plan"]["betas"])
+        best = max(sweep.values())
+        assert beta == min(b for b, v in sweep.items() if v == best)
+        for r in raw["results"]:
+            if r["job"]["arm"] in ("bcl", "rrhf+bc") and r["job"]["label"] == label:
+                assert r["job"]["beta"] == beta
+
+
+def test_paired_differences_and_tests(quick):
+    raw = quick["json"]
+    for label in ("answer", "verified"):
+        table = raw["summary"]["tables"][label]
+        for arm, ref in (("bcl", "control"), ("bcl", "rft")):
+            a, b = _per_seed(raw, label, arm), _per_seed(raw, label, ref)
+            seeds = sorted(a)
+            d = [a[s] - b[s] for s in seeds]
+            got = table[arm]["vs_control" if ref == "control" else "vs_rft"]
+            assert got["seeds"] == seeds and got["diffs"] == pytest.approx(d)
+            assert got["mean"] == pytest.approx(sum(d) / len(d))
+            if len(set(d)) > 1:
+                p = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue
+                assert got["t_p"] == pytest.approx(p)
+
+
+def test_markdown_agrees_with_the_json(quick):
     raw, md = quick["json"], quick["md"]
-    assert "--quick" in md and "| arm |" in md
-    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
-    for arm in raw["plan"]["arms"]:
-        accs = {r["seed"]: r["summary"]["eval/accuracy"] for r in raw["results"] if r["arm"] == arm}
-        per_seed = " / ".join(f"{100 * accs[s]:.1f}" for s in sorted(accs))
-        mean = 100 * sum(accs.values()) / len(accs)
-        cells = [c.strip() for c in rows[arm].split("|")]
-        assert cells[-2] == per_seed, rows[arm]  # the last column: accuracy per seed
-        assert float(cells[3].split("±")[0]) == pytest.approx(mean, abs=0.051), rows[arm]
-    start = raw["start"]["summary"]["eval/accuracy"]
-    assert f"{100 * start:.1f}" in rows["VFT (start)"]
+    assert "--quick" in md and "## Label rule: answer" in md and "## Label rule: verified" in md
+    assert "## Paired differences" in md and "chosen on the validation split" in md
+    for label in ("answer", "verified"):
+        section = md.split(f"## Label rule: {label}")[1].split("##")[0]
+        rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+        for arm in raw["plan"]["arms"]:
+            accs = _per_seed(raw, label, arm)
+            mean = 100 * sum(accs.values()) / len(accs)
+            cells = [c.strip() for c in rows[arm].split("|")]
+            assert float(cells[3].split("±")[0]) == pytest.approx(mean, abs=0.051), rows[arm]
 
 
 def test_plots_are_png_files(quick):
     plots = quick["json"]["meta"]["plots"]
-    assert {"reproduce_scores.png", "reproduce_metrics.png"} <= set(plots)
+    assert "reproduce_metrics.png" in plots
     for name in plots:
         assert (quick["out"] / name).read_bytes()[:8] == PNG, name
-    assert not list(quick["out"].glob("*.tmp"))  # written atomically
+    assert not list(quick["out"].glob("*.tmp")) and not list(quick["out"].glob(".*.tmp"))
+
+
+def test_second_invocation_reuses_every_finished_arm(quick):
+    r = _reproduce("--quick", f"--work_dir={quick['work']}", f"--out={quick['out']}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [x for x in r.stdout.splitlines() if x.startswith("[reproduce] ") and " seed " in x and "/" in x]
+    runs = len(quick["json"]["results"]) + len(quick["json"]["sweep"])
+    assert len(lines) == runs and all("(cached)" in x for x in lines)
+    again = json.loads((quick["out"] / "reproduce.json").read_text())
+    assert again["summary"]["tables"] == quick["json"]["summary"]["tables"]
 
 
 def test_bad_arm_is_rejected_naming_the_argument():
-    r = subprocess.run(
-        [sys.executable, "benchmarks/reproduce.py", "--quick", "--arms", "ppo"],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _reproduce("--quick", "--arms", "ppo")
     assert r.returncode == 2 and "--arms" in r.stderr and "ppo" in r.stderr

@@ -233,7 +233,9 @@ def _gradient_norms(model: AFTModel, hidden: torch.Tensor, batch: Batch) -> tupl
     head = model.lm.get_output_embeddings()
     bias = getattr(head, "bias", None)
     with deepspeed.zero.GatheredParameters([p for p in (head.weight, bias) if p is not None]):
-        return gradient_norms(hidden, head.weight, bias, batch, model.loss_options)
+        # The loss options and the model's logit post-processing, exactly as AFTModel.forward passes them.
+        options = {**model.loss_options, **model.logits.options()}
+        return gradient_norms(hidden, head.weight, bias, batch, options)
 
 
 def _kill_hook(stage: str, step: int) -> None:
