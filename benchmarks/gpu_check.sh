@@ -35,9 +35,10 @@
 # brings back few files: one archive holds them all, and a kill still leaves the finished steps).
 # Exit status 0 when every step passed, else 1.
 #
-# --dry-run checks this script on a machine without a GPU, in about 5 minutes on 2 cores: a few triton
-# tests under the interpreter, the pipeline on one CPU process (fp32, shrunk: 4 VFT steps, 2 AFT
-# steps), bench_gpu's and bench_step's tiny shapes; OUT_DIR defaults to a temporary folder.
+# --dry-run checks this script on a machine without a GPU (10 minutes on a busy 2-core machine, its limits
+# stretched by GPU_CHECK_SCALE=4): a few triton tests under the interpreter, the pipeline on one CPU
+# process (fp32, the C++ loss backend, shrunk to 4 VFT and 2 AFT steps), bench_gpu's and bench_step's tiny
+# shapes; OUT_DIR defaults to a temporary folder.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -211,6 +212,11 @@ if [[ $INSTALL == 1 ]]; then
             else
                 echo "no .whl/ folder (benchmarks/gpu_wheels.sh makes it): DeepSpeed and the peers must be installed"
             fi
+            # A CUDA libtorch's CMake config looks for the CUDA toolkit even for a CPU-only extension.
+            local nvcc
+            nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+            [[ ! -x $nvcc ]] || export CUDACXX=$nvcc CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$nvcc")")}
+            export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
             "$PY" -m pip install -q --no-deps --no-build-isolation -e . && return 0
             # The C++ build failed: run from the tree (kernels/ as aft_fast.kernels), without aft_fast._C.
             ln -sfn ../kernels aft_fast/kernels
@@ -246,6 +252,8 @@ if [[ $DRY_RUN == 1 ]]; then
           --k 2 --prompt 16 --min-member 4 --max-member 12 --repeats 1 --warmup 0 --timeout 120 --out "$OUT_DIR")
 else
     TESTS=()
+    # Four pytest workers where pytest-xdist is there (the GPU image has it): the kernels compile in parallel.
+    "$PY" -c "import xdist" 2>/dev/null && TESTS=(-n 4)
     PIPELINE=("$PY" train.py --config configs/gpu_check_tiny.yaml
               --deepspeed_config configs/ds_zero3_gpu_bf16.json --loss_backend=triton --run_dir "$WORK/run"
               --vft_micro_batch_size=32)
