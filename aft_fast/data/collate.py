@@ -20,14 +20,15 @@ from transformers import PreTrainedTokenizerBase
 
 from aft_fast.data.batch import LAYOUTS, Batch, Encoded, Member, Segments
 from aft_fast.data.candidates import CandidateGroup
-from aft_fast.data.formats import Example, prompt_text
+from aft_fast.data.formats import Example
 from aft_fast.data.packing import pack
+from aft_fast.data.prompts import prompt_ids
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
-    """bos (when the tokenizer has one) + the prompt template; generation starts right after it."""
-    ids = tokenizer.encode(prompt_text(question), add_special_tokens=False)
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    """The question's prompt ids in the tokenizer's bound format (aft_fast/data/prompts.py): plain is bos
+    (when the tokenizer has one) + the paper's template; generation starts right after them."""
+    return prompt_ids(tokenizer, question)
 
 
 def encode_chain(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

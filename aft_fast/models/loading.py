@@ -90,7 +90,13 @@ def _rmtree(path: Path) -> None:
 
 
 def check_model_dir(path: str | Path) -> Path:
+    """`path`, checked: a Hugging Face model folder, or a PEFT adapter folder whose bases end in one."""
     path = Path(path)
+    from aft_fast.models import adapters  # adapters builds on this module
+
+    if adapters.is_adapter_dir(path):
+        check_model_dir(adapters.adapter_chain(path)[0])
+        return path
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist (expected a Hugging Face model folder)")
     if not (path / "config.json").is_file():
@@ -114,7 +120,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def check_vocab(tokenizer: PreTrainedTokenizerBase, model_dir: str | Path) -> None:
     """The model must have an embedding row for every token id the tokenizer can produce."""
-    config = AutoConfig.from_pretrained(model_dir)
+    from aft_fast.models import adapters
+
+    config = AutoConfig.from_pretrained(adapters.adapter_chain(model_dir)[0])  # an adapter keeps its base's
     vocab = getattr(config, "vocab_size", None)
     if vocab is None:
         raise ValueError(f"{model_dir}/config.json has no vocab_size")
@@ -136,7 +144,12 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, model_dir: str | Path) -> No
 
 
 def load_replica(path: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A full copy of the model on this process (sampling, eval, the frozen DPO reference)."""
+    """A full copy of the model on this process (sampling, eval, the frozen DPO reference); an adapter
+    folder loads as its base with the adapters merged in."""
+    from aft_fast.models import adapters
+
+    if adapters.is_adapter_dir(path):
+        return adapters.load_replica(path, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), dtype=dtype)
     return model.to(device).eval()
 
@@ -180,14 +193,30 @@ class _Reader:
         return handle.get_tensor(name) if name in handle.keys() else None
 
 
+class _Merged:
+    """`_Reader`'s interface over an adapter folder's base with its adapters merged (held whole)."""
+
+    def __init__(self, path: Path, dtype: torch.dtype):
+        from aft_fast.models import adapters
+
+        self.state = adapters.merged_state_dict(path, dtype)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.state.get(name)
+
+
 def load_partitioned(path: str | Path, ds_config: dict) -> nn.Module:
     """Build the model under `deepspeed.zero.Init` (each process allocates only its partition) and copy
     the checkpoint in one parameter at a time: rank 0 reads it and DeepSpeed scatters it.
 
     The model is never whole in any process's memory, which is what lets a 70B model start on GPUs
-    that each hold a fraction of it. Tied weights are one parameter, loaded once."""
+    that each hold a fraction of it. Tied weights are one parameter, loaded once. An adapter folder loads
+    as its base with the adapters merged in (rank 0 merges them on its CPU, as an export would)."""
+    from aft_fast.models import adapters
+
     path = check_model_dir(path)
-    config = AutoConfig.from_pretrained(path)
+    root = adapters.adapter_chain(path)[0]
+    config = AutoConfig.from_pretrained(root)
     # Resolve (import) the model class first: importing torch._dynamo inside zero.Init fails.
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # The contexts Hugging Face's own ZeRO-3 loading enters: skip weight init (the partitions are empty and
@@ -195,7 +224,10 @@ def load_partitioned(path: str | Path, ds_config: dict) -> nn.Module:
     with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = model_class(config)
     model.tie_weights()
-    reader = _Reader(path) if deepspeed.comm.get_rank() == 0 else None
+    reader = None
+    if deepspeed.comm.get_rank() == 0:
+        dtype = next(model.parameters()).dtype  # the run's: zero.Init made every parameter in it
+        reader = _Merged(path, dtype) if adapters.is_adapter_dir(path) else _Reader(path)
     problems = []
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):

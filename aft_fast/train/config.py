@@ -21,6 +21,7 @@ import yaml
 
 from aft_fast.constants import BACKENDS, TRAIN_MODES
 from aft_fast.data.collate import LAYOUTS
+from aft_fast.data.prompts import PROMPT_FORMATS
 
 STAGES = ("vft", "sample", "aft", "eval", "all")
 
@@ -68,6 +69,11 @@ class TrainConfig:
         "only)",
     )
     max_length: int = _opt(256, "tokens per row ([prompt | chain]); longer chains are cut at the end")
+    prompt_format: str = _opt(
+        "plain",
+        "how every stage shows a question to the model: plain (the paper's 'Question: ...\\nAnswer:\\n') | "
+        "chat (the tokenizer's chat template, the question as the user turn; for instruct models)",
+    )
     # --- model -----------------------------------------------------------------------------------------
     model: str = _opt(
         "",
@@ -88,6 +94,25 @@ class TrainConfig:
     )
     dist_backend: str = _opt("auto", "torch.distributed backend; auto: nccl on CUDA, gloo on CPU")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    # --- adapters (PEFT LoRA) --------------------------------------------------------------------------
+    lora_r: int = _opt(
+        0,
+        "LoRA rank: > 0 trains PEFT LoRA adapters on a frozen base in vft and aft (their outputs are PEFT "
+        "adapter folders; aft's base is the VFT model, adapters merged); 0: full fine-tuning",
+    )
+    lora_alpha: float = _opt(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
+    lora_target_modules: str = _opt(
+        "",
+        "comma-separated module names (or name suffixes, e.g. q_proj,v_proj) that get adapters; empty: every "
+        "linear layer except the LM head (PEFT's all-linear). The head and an embedding tied to it are "
+        "refused",
+    )
+    merge_adapters: bool = _opt(
+        False,
+        "with lora_r: also write <run_dir>/<stage>_merged, base and adapters merged (a plain HF folder)",
+    )
+    qlora: bool = _opt(False, "with lora_r: a 4-bit NF4 base (bitsandbytes; CUDA only)")
     # --- optimization (VFT) ----------------------------------------------------------------------------
     vft_steps: int = _opt(450, "VFT optimizer steps")
     vft_batch_size: int = _opt(
@@ -206,6 +231,17 @@ def check(cfg: TrainConfig) -> None:
     _choice("data_format", cfg.data_format, ("auto", "gsm8k", "aqua", "ecqa"))
     _choice("synthetic_task", cfg.synthetic_task, ("forms", "v1"))
     _choice("label", cfg.label, ("answer", "verified"))
+    _choice("prompt_format", cfg.prompt_format, PROMPT_FORMATS)
+    if cfg.lora_r < 0:
+        raise InputError(f"lora_r: must be >= 0 (0: full fine-tuning), got {cfg.lora_r}")
+    if cfg.lora_r:
+        if cfg.lora_alpha <= 0:
+            raise InputError(f"lora_alpha: must be > 0, got {cfg.lora_alpha}")
+        if not 0 <= cfg.lora_dropout < 1:
+            raise InputError(f"lora_dropout: must lie in [0, 1), got {cfg.lora_dropout}")
+    for name in ("merge_adapters", "qlora"):
+        if getattr(cfg, name) and not cfg.lora_r:
+            raise InputError(f"{name}: needs adapters (lora_r > 0)")
     for name in (
         "vft_steps",
         "vft_batch_size",

@@ -168,10 +168,17 @@ def build_engine(
     weight_decay: float,
 ):
     """deepspeed.initialize with torch AdamW (ZeRO-3 runs it on each rank's fp32 partition) and a linear
-    warm-up then cosine decay to min_lr_ratio * lr, stepped by DeepSpeed once per optimizer step."""
+    warm-up then cosine decay to min_lr_ratio * lr, stepped by DeepSpeed once per optimizer step.
+
+    Only parameters that require a gradient reach the optimizer: with LoRA adapters (a frozen base) ZeRO-3
+    keeps fp32 master weights and Adam moments for the adapters alone, and the base is only gathered for
+    the forward and backward."""
     fused = torch.cuda.is_available()
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("build_engine: the module has no trainable parameter (everything is frozen)")
     optimizer = torch.optim.AdamW(
-        module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=fused or None
+        params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=fused or None
     )
 
     def schedule(opt):  # DeepSpeed calls it with its wrapped optimizer
