@@ -87,5 +87,79 @@ def main(out: Path, tokenizer_dir: str, candidates: str, backend: str) -> None:
         )
 
 
+def dpo(out: Path, tokenizer_dir: str) -> None:
+    """DPOTrainer under ZeRO-3 (every parameter partitioned) for two steps, once with TRL's own fused head and
+    once with aft-fast's (patch_trl), from the same weights: rank 0 writes both runs' losses and weights."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from aft_fast.integrations.trl import unpatch_trl
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = Dataset.from_dict(
+        {
+            "prompt": [
+                "1 + 2 =",
+                "3 + 4 =",
+                "5 - 1 =",
+                "2 * 3 =",
+                "4 + 4 =",
+                "6 - 2 =",
+                "1 * 5 =",
+                "3 + 3 =",
+            ],
+            "chosen": [" 3", " 7", " 4", " 6", " 8", " 4", " 5", " 6"],
+            "rejected": [" 4 and more", " 8", " 5 or 6", " 5", " 9", " 3 or 2", " 6", " 7 and 1"],
+        }
+    )
+    runs, heads = {}, {}
+    for head in ("trl", "aft_fast"):
+        (patch_trl if head == "aft_fast" else unpatch_trl)()
+        args = DPOConfig(
+            output_dir=str(out / head),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=LR,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            bf16=False,
+            gradient_checkpointing=False,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+            deepspeed=ZERO3,
+        )
+        model = tiny_llama(len(tokenizer), tie=True, initializer_range=0.3)
+        ref = tiny_llama(len(tokenizer), tie=True, initializer_range=0.3)
+        trainer = DPOTrainer(
+            model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer
+        )
+        trainer.train()
+        trainer.save_model()
+        # Whose fused head the trainer installed (functools.wraps copies the name, not the code's file).
+        heads[head] = "/".join(Path(model.forward.__func__.__code__.co_filename).parts[-3:])
+        runs[head] = [
+            {k: v for k, v in log.items() if "/" in k or k == "loss"}
+            for log in trainer.state.log_history
+            if "rewards/chosen" in log
+        ]
+    if trainer.accelerator.process_index == 0:
+        (out / "result.json").write_text(
+            json.dumps(
+                {"distributed_type": str(trainer.accelerator.distributed_type), "logs": runs, "heads": heads}
+            )
+        )
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+    if sys.argv[4] == "dpo-zero3":
+        dpo(Path(sys.argv[1]), sys.argv[2])
+    else:
+        main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])

@@ -1,7 +1,9 @@
-"""AFTTrainer under accelerate with 2 CPU processes (gloo): DDP, and DeepSpeed ZeRO-3 with every parameter
-partitioned (so the fused loss must see the LM head gathered in forward and backward). Two SGD steps land
-where the plain reference says: each step moves the weights by the mean over ranks of the reference AFT loss
-gradient of that rank's groups."""
+"""AFTTrainer and TRL's DPOTrainer under accelerate with 2 CPU processes (gloo): DDP, and DeepSpeed ZeRO-3
+with every parameter partitioned (so a fused loss must see the LM head gathered in forward and backward).
+
+AFTTrainer: two SGD steps land where the plain reference says, each moving the weights by the mean over
+ranks of the reference AFT loss gradient of that rank's groups. DPOTrainer under ZeRO-3: aft-fast's fused
+head (patch_trl) trains as TRL's own head does, loss, metrics and weights."""
 
 from __future__ import annotations
 
@@ -69,3 +71,42 @@ def test_two_processes_train_as_the_reference_says(tmp_path, backend):
         torch.testing.assert_close(
             saved[name], p.detach(), rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+@pytest.mark.distributed
+def test_dpo_under_zero3_same_with_either_head(tmp_path):
+    make_tokenizer(tmp_path / "tokenizer")
+    out = tmp_path / "out"
+    cmd = [
+        *ACCELERATE,
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "tests" / "_aft_trainer_worker.py"),
+        str(out),
+        str(tmp_path / "tokenizer"),
+        "-",
+        "dpo-zero3",
+    ]
+    check(_run(cmd, clean_env(PYTHONPATH=str(ROOT)), timeout=500))
+    result = json.loads((out / "result.json").read_text())
+    assert result["distributed_type"].endswith("DEEPSPEED")
+    assert result["heads"] == {"trl": "trl/trainer/utils.py", "aft_fast": "aft_fast/integrations/trl.py"}
+    ours, theirs = result["logs"]["aft_fast"], result["logs"]["trl"]
+    assert len(ours) == len(theirs) == 2 and ours[1]["loss"] != ours[0]["loss"]
+    for mine, other in zip(ours, theirs, strict=True):
+        assert mine.keys() == other.keys()
+        for key in mine:
+            assert mine[key] == pytest.approx(other[key], rel=1e-5, abs=1e-5), key
+    a, b = (load_file(str(out / head / "model.safetensors")) for head in ("aft_fast", "trl"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
