@@ -1,10 +1,12 @@
 """aft_fast.integrations.trl: TRL's fused-LM-head contract on aft-fast's operator.
 
 The head's outputs and gradients equal TRL's own head (an independent implementation of the same contract)
-and a full-logits forward through the model's own lm_head; DPOTrainer trains the same with either head."""
+and a full-logits forward through the model's own lm_head; DPOTrainer and SFTTrainer train the same with
+each of the three."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import types
 
@@ -240,21 +242,33 @@ class _Record(TrainerCallback):
         )
 
 
-def _dpo_run(tokenizer, head, tmp_path, monkeypatch):
-    import trl.trainer.dpo_trainer as dpo
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+PROMPTS = ["1 + 2 =", "3 + 4 =", "5 - 1 =", "2 * 3 ="]
+DATA = {
+    "dpo": {
+        "prompt": PROMPTS,
+        "chosen": [" 3", " 7", " 4", " 6"],
+        "rejected": [" 4 and more", " 8", " 5 or 6", " 5"],
+    },
+    "sft": {"prompt": PROMPTS, "completion": [" 3", " 7 and 7", " 4", " 6 or 6 or 6"]},
+}
+# Each trainer's logged metrics that come from the fused head's fields.
+METRICS = {
+    "dpo": ("rewards/chosen", "logps/chosen", "entropy", "mean_token_accuracy", "logits/chosen"),
+    "sft": ("entropy", "mean_token_accuracy", "num_tokens"),
+}
 
-    monkeypatch.setattr(dpo, "add_fused_lm_head", head)
+
+def _trl_run(kind, tokenizer, head, tmp_path, monkeypatch):
+    """Two SGD steps of TRL's DPOTrainer or SFTTrainer with `head` as its add_fused_lm_head: the losses, the
+    logged metrics and each step's parameter gradients."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    module = importlib.import_module(f"trl.trainer.{kind}_trainer")
+    monkeypatch.setattr(module, "add_fused_lm_head", head)
     model, ref = twins(vocab=len(tokenizer))
-    data = Dataset.from_dict(
-        {
-            "prompt": ["1 + 2 =", "3 + 4 =", "5 - 1 =", "2 * 3 ="],
-            "chosen": [" 3", " 7", " 4", " 6"],
-            "rejected": [" 4 and more", " 8", " 5 or 6", " 5"],
-        }
-    )
-    args = DPOConfig(
+    config, trainer_class = (DPOConfig, DPOTrainer) if kind == "dpo" else (SFTConfig, SFTTrainer)
+    args = config(
         output_dir=str(tmp_path),
         max_steps=2,
         per_device_train_batch_size=2,
@@ -277,13 +291,14 @@ def _dpo_run(tokenizer, head, tmp_path, monkeypatch):
     )
     record = _Record()
     losses = []
-    trainer = DPOTrainer(
+    extra = {"ref_model": ref} if kind == "dpo" else {}
+    trainer = trainer_class(
         model=model,
-        ref_model=ref,
         args=args,
-        train_dataset=data,
+        train_dataset=Dataset.from_dict(DATA[kind]),
         processing_class=tokenizer,
         callbacks=[record],
+        **extra,
     )
     compute_loss = trainer.compute_loss
 
@@ -295,16 +310,17 @@ def _dpo_run(tokenizer, head, tmp_path, monkeypatch):
     trainer.compute_loss = logged_loss
     trainer.train()
     metrics = [
-        {k: v for k, v in log.items() if "/" in k or k in ("entropy", "mean_token_accuracy")}
+        {k: v for k, v in log.items() if k in METRICS[kind] or "/" in k}
         for log in trainer.state.log_history
-        if "rewards/chosen" in log
+        if "entropy" in log
     ]
     return losses, metrics, record.grads
 
 
-def test_dpo_trainer_two_steps_same_with_every_head(tiny_tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["dpo", "sft"])
+def test_trl_trainer_two_steps_same_with_every_head(kind, tiny_tokenizer, tmp_path, monkeypatch):
     runs = {
-        name: _dpo_run(tiny_tokenizer, head, tmp_path / name, monkeypatch)
+        name: _trl_run(kind, tiny_tokenizer, head, tmp_path / name, monkeypatch)
         for name, head in (
             ("trl", trl_add_fused_lm_head),
             ("aft_fast", aft_trl.add_fused_lm_head),
@@ -313,13 +329,7 @@ def test_dpo_trainer_two_steps_same_with_every_head(tiny_tokenizer, tmp_path, mo
     }
     losses, metrics, grads = runs["aft_fast"]
     assert len(losses) == 2 and len(metrics) == 2 and len(grads) == 2
-    assert metrics[0].keys() >= {
-        "rewards/chosen",
-        "logps/chosen",
-        "entropy",
-        "mean_token_accuracy",
-        "logits/chosen",
-    }
+    assert metrics[0].keys() >= set(METRICS[kind])
     assert any(abs(v) > 1e-6 for v in grads[1]["model.layers.0.mlp.up_proj.weight"].flatten().tolist())
     for other in ("trl", "full_logits"):
         o_losses, o_metrics, o_grads = runs[other]
