@@ -172,6 +172,39 @@ def test_head_equals_trls_head(case):
     assert_same_grads(grads_a, grads_b)
 
 
+def test_bf16_model_with_the_head_cast_to_fp32_and_under_autocast():
+    """GRPO's cast_lm_head_to_fp32 on a bf16 model: the head runs in fp32, as TRL's does (the backbone's
+    bf16 hidden states upcast). Under bf16 autocast the head runs in bf16, as TRL's does."""
+    ours, theirs = (m.to(torch.bfloat16) for m in twins())
+    aft_trl.add_fused_lm_head(ours, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy"))
+    trl_add_fused_lm_head(theirs, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy"))
+    ids, labels = batch()
+    a = ours(input_ids=ids, labels=labels, fused_lm_head=True)
+    b = theirs(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert a.log_probs.dtype == torch.float32
+    torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-5)
+
+    ours, theirs = twins()
+    aft_trl.add_fused_lm_head(ours)
+    trl_add_fused_lm_head(theirs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = ours(input_ids=ids, labels=labels, fused_lm_head=True)
+        b = theirs(input_ids=ids, labels=labels, fused_lm_head=True)
+    full = full_logits_reference(twins()[0], ids, labels)
+    # The whole model runs in bf16 (the backbone too): our error from the fp32 log-probs is at most TRL's
+    # own bf16 head's, twice over (the project's tolerance rule), and the two heads agree to bf16 precision.
+    ours_err, trl_err = (a.log_probs - full).abs().max(), (b.log_probs - full).abs().max()
+    assert 0 < trl_err and ours_err <= 2 * trl_err + 1e-3, (ours_err, trl_err)
+    torch.testing.assert_close(a.log_probs, b.log_probs, rtol=0.02, atol=0.05)
+
+
+def full_logits_reference(model, ids, labels) -> torch.Tensor:
+    full_logits_head(model)
+    with torch.no_grad():
+        return model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+
+
 def test_only_the_requested_fields_and_the_original_forward_without_the_flag():
     model, plain = twins()
     aft_trl.add_fused_lm_head(model)
