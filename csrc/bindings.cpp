@@ -11,7 +11,7 @@ TORCH_LIBRARY(aft_fast, m) {
   m.def(
       "chunk_logprob(Tensor h, Tensor weight, Tensor? bias, Tensor targets, Tensor(a!) buf, "
       "Tensor? lse, Tensor? segments, Tensor(b!)? sums, Tensor(c!)? keep=None, "
-      "Tensor(d!)? keep_scale=None) -> (Tensor, Tensor)");
+      "Tensor(d!)? keep_scale=None, float? cap=None) -> (Tensor, Tensor)");
   m.def(
       "chunk_grad(Tensor(a!) probs, Tensor coef, Tensor targets, Tensor h, Tensor weight, Tensor rows, "
       "Tensor(b!)? grad_hidden, Tensor(c!)? grad_weight, Tensor(d!)? grad_bias) -> ()");

@@ -64,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
     const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, at::Tensor& buf, const std::optional<at::Tensor>& lse,
     const std::optional<at::Tensor>& segments, const std::optional<at::Tensor>& sums,
-    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& keep_scale) {
+    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& keep_scale,
+    std::optional<double> cap) {
   check_f32_2d(h, "h");
   check_f32_2d(weight, "weight");
   check_f32_2d(buf, "buf");
@@ -84,8 +85,11 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
   TORCH_CHECK(keep.has_value() == keep_scale.has_value(), "keep and keep_scale: give both or neither");
   if (keep) {
     TORCH_CHECK(!lse, "keep: a recompute (lse given) has nothing to keep");
+    TORCH_CHECK(!cap, "keep: kept probabilities carry no soft-cap derivative");
     check_keep(*keep, *keep_scale, c, V);
   }
+  TORCH_CHECK(!cap || (std::isfinite(*cap) && *cap > 0), "cap: expected a positive soft cap, got ",
+              cap.value_or(0.0));
 
   gemm_into(h, weight.t(), buf, false);
 
@@ -99,6 +103,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
   float* sp = lse_out.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const bool have_lse = lse.has_value();
+  const float a = static_cast<float>(cap.value_or(1.0));
   at::Half* kp = keep ? keep->data_ptr<at::Half>() : nullptr;
   float* ksp = keep ? keep_scale->data_ptr<float>() : nullptr;
   std::atomic<int64_t> bad{-1};
@@ -111,6 +116,21 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
       const int64_t t = tp[r];
       if (t < 0 || t >= V) {
         bad.store(r);
+        continue;
+      }
+      if (cap) {
+        // logits = a * tanh(z): |logits| <= a, max = a * max(tanh); z keeps tanh until the last pass.
+        k.tanh_inplace(z, V);
+        const float tt = z[t];
+        float l = sp[r];
+        if (!have_lse) {
+          const float m = a * k.row_max(z, V);
+          l = m + std::log(k.exp_affine_sum(z, V, a, m));
+        }
+        k.softcap_probs(z, V, a, l);
+        z[t] += tt * tt;  // chunk_grad adds coef here: the target's entry becomes coef * (1 - tt^2) * (1 - p)
+        lp[r] = a * tt - l;
+        sp[r] = l;
         continue;
       }
       const float target_logit = z[t];

@@ -30,11 +30,15 @@ const char* gemm_backend();
 // token's log-prob is added to sums[segments[t]]. With `keep` (fp16 [c, V]) and `keep_scale` (fp32
 // [c]) the probabilities are kept there instead, for a backward without recompute:
 // p = float(keep) * keep_scale, and buf is scratch. Returns (logp [c], lse [c]), fp32.
+// With `cap` (a soft cap, aft_fast/ops/logit_options.py) the logits are cap * tanh(h @ weight^T + bias),
+// and buf ends holding p * (1 - tanh^2), plus tanh(target)^2 at each row's target, so that chunk_grad
+// with coef * cap gives the gradient with respect to the pre-tanh values. Not with `keep`.
 std::tuple<at::Tensor, at::Tensor> chunk_logprob(
     const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, at::Tensor& buf, const std::optional<at::Tensor>& lse,
     const std::optional<at::Tensor>& segments, const std::optional<at::Tensor>& sums,
-    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& keep_scale);
+    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& keep_scale,
+    std::optional<double> cap);
 
 // Turns probs [c, V] into d(loss)/d(logits) = coef * (onehot(target) - probs) in place and
 // accumulates grad_hidden[rows] += it @ weight, grad_weight += it^T @ h, grad_bias += column sums.

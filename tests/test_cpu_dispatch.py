@@ -183,8 +183,9 @@ def _combinations() -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("level", "gemm"), _combinations())
 def test_cpp_reference_suite_on_each_level_and_gemm(level, gemm):
     """A representative subset of the cpp reference suite: every C++ op against the torch primitives
-    (vector tails, bias, kept probabilities), and the loss and log-probs against aft_fast.reference."""
-    files = ["tests/test_cpp_ops.py", "tests/test_aft_loss.py"]
+    (vector tails, bias, kept probabilities), and the loss and log-probs against aft_fast.reference (also
+    with the logit post-processing: the soft cap's row loops)."""
+    files = ["tests/test_cpp_ops.py", "tests/test_aft_loss.py", "tests/test_logit_processing.py"]
     expr = "(test_cpp_ops and not aten_fallback) or (cpp and (bcl or linear_logprob or frozen))"
     env = dict(AFT_FAST_CPU_CAPABILITY=level, AFT_FAST_CPU_GEMM=gemm)
     info, _ = cpu_info_in(**env)

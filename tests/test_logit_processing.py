@@ -9,7 +9,6 @@ refused with an error that names them.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -51,18 +50,6 @@ def _aft_run(fn, p: Problem, **kw):
     out = fn(h, w, bias=b, **p.index_kwargs(), **kw)
     out.loss.backward()
     return out.loss.detach(), out.scores, h.grad, w.grad, None if b is None else b.grad
-
-
-def _cpp_refuses(backend: str, kw: dict, call) -> bool:
-    """The cpp backend without soft-cap support refuses a soft cap by name (never a silently wrong
-    answer); True when it did, so the caller skips its comparison."""
-    from aft_fast.ops import cpp_chunks
-
-    if backend != "cpp" or kw.get("softcap") is None or getattr(cpp_chunks, "SOFTCAP", False):
-        return False
-    with pytest.raises(ValueError, match="^softcap: the cpp backend"):
-        call()
-    return True
 
 
 def _assert_within_rule(ours, ref, gold, dtype, names):
@@ -129,12 +116,7 @@ def test_linear_logprob_options(backend, option, dtype):
     upstream[::4] = 0  # segments the caller's loss does not use
     gold = _logprob_run(linear_logprob_ref, p.to(dtype=torch.float64), upstream, **kw)
     ref = _logprob_run(linear_logprob_ref, p, upstream, **kw)
-    run = functools.partial(_logprob_run, aft_fast.linear_logprob, p, upstream, backend=backend,
-                            chunk_size=10,
-                            **kw)
-    if _cpp_refuses(backend, kw, run):
-        return
-    ours = run()
+    ours = _logprob_run(aft_fast.linear_logprob, p, upstream, backend=backend, chunk_size=10, **kw)
     _assert_within_rule(ours, ref, gold, dtype, ["sums", "grad_hidden", "grad_weight", "grad_bias"])
 
 
@@ -146,12 +128,8 @@ def test_linear_logprob_options_keep_probs(backend, option):
     p = make_problem(seed=10, bias=True)
     upstream = torch.randn(p.group.numel(), generator=torch.Generator().manual_seed(1))
     ref = _logprob_run(linear_logprob_ref, p, upstream, **kw)
-    run = functools.partial(_logprob_run, aft_fast.linear_logprob, p, upstream, backend=backend,
-                            chunk_size=10,
-                            keep_probs=True, **kw)
-    if _cpp_refuses(backend, kw, run):
-        return
-    ours = run()
+    ours = _logprob_run(aft_fast.linear_logprob, p, upstream, backend=backend, chunk_size=10, keep_probs=True,
+                        **kw)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-4, atol=1e-5)
     for a, b in zip(ours[1:], ref[1:], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
@@ -170,10 +148,7 @@ def test_aft_loss_options(backend, option, dtype, mode):
     ref = _aft_run(aft_loss_ref, p, **kw)
     # chunk_size 8 splits groups (a second, recomputing pass), None holds whole groups (one pass).
     for chunk_size in (8, None) if backend != "triton" else (None,):
-        run = functools.partial(_aft_run, aft_fast.aft_loss, p, backend=backend, chunk_size=chunk_size, **kw)
-        if _cpp_refuses(backend, kw, run):
-            return
-        ours = run()
+        ours = _aft_run(aft_fast.aft_loss, p, backend=backend, chunk_size=chunk_size, **kw)
         _assert_within_rule(ours, ref, gold, dtype, AFT_NAMES)
 
 
@@ -225,9 +200,8 @@ def test_bad_options_are_refused_by_name(name, value):
                                 num_segments=p.group.numel(), backend="torch", **{name: value})
 
 
-def test_auto_runs_a_soft_cap_where_it_can():
-    """backend "auto" on the CPU: a soft cap goes to a backend that takes it (torch while the C++ ops lack
-    one), never to one that would drop it."""
+def test_auto_backend_takes_a_soft_cap():
+    """backend "auto" on the CPU (cpp where built) takes a soft cap too."""
     p = make_problem(seed=12)
     args = dict(rows=p.rows, targets=p.targets, segments=p.segments, num_segments=p.group.numel())
     auto = aft_fast.linear_logprob(p.hidden, p.weight, **args, softcap=4.0)
@@ -257,3 +231,36 @@ def test_triton_on_cuda(monkeypatch, dtype, strategy):
     ref = _logprob_run(linear_logprob_ref, p, upstream, **lp)
     ours = _logprob_run(aft_fast.linear_logprob, p, upstream, backend="triton", **lp)
     _assert_within_rule(ours, ref, gold, dtype, ["sums", "grad_hidden", "grad_weight", "grad_bias"])
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("V", [301, 16, 1])
+@pytest.mark.parametrize("given_lse", [False, True], ids=["lse", "recompute"])
+def test_cpp_linear_logprob_soft_cap_op_matches_torch_primitive(V, given_lse):
+    """The C++ chunk op's soft cap (its SIMD row loops: vector body and tails) against the torch primitive:
+    log-probs, log-sum-exp, the buffer it leaves for chunk_grad, and the gradients; opcheck on its schema."""
+    from aft_fast.ops import cpp_chunks, torch_chunks
+
+    g = torch.Generator().manual_seed(V)
+    h, w = torch.randn(7, 12, generator=g), torch.randn(V, 12, generator=g)
+    b = torch.randn(V, generator=g)
+    targets = torch.randint(0, V, (7,), generator=g)
+    lse = None
+    if given_lse:
+        lse = torch_chunks.chunk_logprob(h, w, b, targets, torch.empty(7, V), cap=2.5)[1]
+    outs = []
+    for prims in (torch_chunks, cpp_chunks):
+        buf = torch.empty(7, V)
+        logp, out_lse = prims.chunk_logprob(h, w, b, targets, buf, lse, cap=2.5)
+        gh, gw, gb = torch.zeros(6, 12), torch.zeros_like(w), torch.zeros(V)
+        left = buf.clone()
+        rows = torch.tensor([0, 2, 2, 5, 1, 0, 3])
+        prims.chunk_grad(buf, torch.linspace(-1, 2, 7), targets, h, w, rows, gh, gw, gb)
+        outs.append((logp, out_lse, left, gh, gw, gb))
+    for a, c in zip(*outs, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(torch.ops.aft_fast.chunk_logprob.default,
+                          (h, w, b, targets, torch.empty(7, V), None, None, None, None, None, 2.5),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="cap: expected a positive soft cap"):
+        cpp_chunks.chunk_logprob(h, w, b, targets, torch.empty(7, V), cap=-1.0)

@@ -15,10 +15,14 @@ except ImportError as exc:  # not built: backend "auto" falls back to torch
     BUILD_ERROR = str(exc)
 
 
+# The chunk ops take a soft cap (`cap`: logits = cap * tanh(y), see csrc/ops.h).
+SOFTCAP = True
+
+
 def chunk_logprob(h, weight, bias, targets, buf, lse=None, segments=None, sums=None, keep=None,
-                  keep_scale=None):
+                  keep_scale=None, cap=None):
     return torch.ops.aft_fast.chunk_logprob(h, weight, bias, targets, buf, lse, segments, sums, keep,
-                                            keep_scale)
+                                            keep_scale, cap)
 
 
 def chunk_grad(probs, coef, targets, h, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:
@@ -40,7 +44,7 @@ def gemm(a, b, out, accumulate: bool = False) -> None:
 if AVAILABLE:
 
     @torch.library.register_fake("aft_fast::chunk_logprob")
-    def _(h, weight, bias, targets, buf, lse, segments, sums, keep=None, keep_scale=None):
+    def _(h, weight, bias, targets, buf, lse, segments, sums, keep=None, keep_scale=None, cap=None):
         return h.new_empty(h.shape[0], dtype=torch.float32), h.new_empty(h.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("aft_fast::chunk_grad")

@@ -91,7 +91,34 @@ void add(float* z, const float* b, int64_t n) {
   for (; i < n; ++i) z[i] += b[i];
 }
 
-constexpr RowKernels kKernels{&row_max, &exp_shift_sum, &exp_shift_sum_half, &half_scaled, &scale, &add};
+void tanh_inplace(float* z, int64_t n) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(z + i).tanh().store(z + i);
+  for (; i < n; ++i) z[i] = std::tanh(z[i]);
+}
+
+float exp_affine_sum(const float* z, int64_t n, float a, float shift) {
+  int64_t i = 0;
+  const Vec va(a), vshift(shift);
+  Vec acc(0.f);
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + (Vec::loadu(z + i) * va - vshift).exp_u20();
+  float s = at::vec::vec_reduce_all<float>([](const Vec& x, const Vec& y) { return x + y; }, acc);
+  for (; i < n; ++i) s += std::exp(a * z[i] - shift);
+  return s;
+}
+
+void softcap_probs(float* z, int64_t n, float a, float shift) {
+  int64_t i = 0;
+  const Vec va(a), vshift(shift), one(1.f);
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec t = Vec::loadu(z + i);
+    ((t * va - vshift).exp_u20() * (one - t * t)).store(z + i);
+  }
+  for (; i < n; ++i) z[i] = std::exp(a * z[i] - shift) * (1.f - z[i] * z[i]);
+}
+
+constexpr RowKernels kKernels{&row_max, &exp_shift_sum, &exp_shift_sum_half, &half_scaled, &scale, &add,
+                              &tanh_inplace, &exp_affine_sum, &softcap_probs};
 
 }  // namespace
 
