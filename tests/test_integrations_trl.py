@@ -228,6 +228,18 @@ def test_all_masked_batch_backpropagates_a_zero():
     assert all(p.grad is None or bool((p.grad == 0).all()) for p in model.parameters())
 
 
+def test_an_adapter_on_the_head_is_refused():
+    """The operator reads lm_head.weight: a LoRA adapter on the head itself would be silently left out."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(VOCAB)
+    aft_trl.add_fused_lm_head(model)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    ids, labels = batch()
+    with pytest.raises(ValueError, match="nn.Linear LM head"):
+        peft_model(input_ids=ids, labels=labels, fused_lm_head=True)
+
+
 def test_bad_arguments_are_refused():
     model = tiny_llama(VOCAB)
     with pytest.raises(ValueError, match="outputs"):

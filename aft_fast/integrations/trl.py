@@ -118,7 +118,7 @@ def add_fused_lm_head(
         # Looked up on each call: FSDP and PEFT replace the backbone and head after patching.
         backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
         hidden = backbone_outputs.last_hidden_state
-        head = self.get_output_embeddings()
+        head = lm_head(self)  # looked up again: refuses an adapter on the head itself (PEFT's lora.Linear)
         if shift_labels is None:
             labels = labels[:, 1:]
             hidden = hidden[:, :-1]
