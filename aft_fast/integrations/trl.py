@@ -242,4 +242,4 @@ def _swap(old, new) -> None:
     for module in _trl_modules():
         # vars(): a lazy TRL module would import on getattr; only names already bound need replacing.
         if vars(module).get("add_fused_lm_head") is old:
-            module.add_fused_lm_head = new
+            vars(module)["add_fused_lm_head"] = new
