@@ -183,7 +183,8 @@ def is_adapter_dir(path: str | Path) -> bool:
 def adapter_chain(path: str | Path) -> tuple[Path, list[Path]]:
     """(the Hugging Face model folder at the bottom, the adapter folders to apply to it in order) for
     `path`; a plain model folder is its own bottom with no adapters."""
-    path, chain = Path(path), []
+    path = Path(path)
+    chain: list[Path] = []
     while is_adapter_dir(path):
         if any(path.resolve() == p.resolve() for p in chain):
             raise ValueError(f"{path}/{ADAPTER_CONFIG}: its base_model_name_or_path links back to itself")
