@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from aft_fast.data.candidates import read_candidates
 from aft_fast.data.collate import collate, encode_group
+from aft_fast.models.folders import TRAINER_STATE
 from aft_fast.models.forward import forward_hidden
-from aft_fast.models.loading import TRAINER_STATE, load_tokenizer
+from aft_fast.models.loading import load_tokenizer
 from aft_fast.reference import aft_loss_ref
 from aft_fast.train.checkpoint import latest_tag
 from tests._train_support import (

@@ -30,6 +30,8 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from aft_fast.models.folders import check_hf_folder, save_hf_folder
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer except the output layer
@@ -160,8 +162,6 @@ def save_stage(
     """A stage's outputs (collective: every rank calls it): the adapter folder `out_dir`, and with
     `merged_dir` the base with the adapters merged as a plain Hugging Face folder (rank 0 merges on its
     CPU, from the base folder on disk: full precision even when training ran on a 4-bit base)."""
-    from aft_fast.models.loading import save_hf_folder
-
     state = adapter_state_dict(model)
     if state is not None:
         save_hf_folder(model, tokenizer, out_dir, state_dict=state, trainer_state=trainer_state)
@@ -210,10 +210,8 @@ def adapter_chain(path: str | Path) -> tuple[Path, list[Path]]:
 def load_replica(path: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A full copy of base + adapters with every adapter merged into the weights (PEFT's merge_and_unload):
     plain Hugging Face modules, as fast to sample and score as the base."""
-    from aft_fast.models.loading import check_model_dir
-
     root, chain = adapter_chain(path)
-    model = AutoModelForCausalLM.from_pretrained(check_model_dir(root), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(check_hf_folder(root), dtype=dtype)
     for adapter in chain:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.to(device).eval()
@@ -259,8 +257,6 @@ def load_4bit(path: str | Path, device: torch.device, dtype: torch.dtype) -> nn.
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    from aft_fast.models.loading import check_model_dir
-
     check_qlora(device)
     root, chain = adapter_chain(path)
     if chain:
@@ -276,6 +272,6 @@ def load_4bit(path: str | Path, device: torch.device, dtype: torch.dtype) -> nn.
         bnb_4bit_quant_storage=dtype,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        check_model_dir(root), quantization_config=quant, dtype=dtype, device_map={"": torch.device(device)}
+        check_hf_folder(root), quantization_config=quant, dtype=dtype, device_map={"": torch.device(device)}
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

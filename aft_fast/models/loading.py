@@ -1,6 +1,6 @@
-"""Hugging Face model folders: the embedded default (a tiny Llama trained from scratch), the checks that
-run before any training, loading (a replica, or partitioned at construction under ZeRO-3) and saving
-(atomically, with the trainer's state beside the weights).
+"""Models from folders: the embedded default (a tiny Llama trained from scratch), the checks that run
+before any training, and loading (a replica, or partitioned at construction under ZeRO-3), for plain
+Hugging Face folders (aft_fast/models/folders.py) and adapter folders (aft_fast/models/adapters.py).
 """
 
 from __future__ import annotations
@@ -21,13 +21,7 @@ try:
 except ImportError:  # transformers < 5.23 has none (its own ZeRO-3 loading enters no such context)
     from contextlib import nullcontext as prevent_arange_dtype_change
 
-TRAINER_STATE = "trainer_state.json"
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+from aft_fast.models.folders import check_hf_folder, save_hf_folder
 
 
 def tiny_llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -58,33 +52,6 @@ def create_default_model(tokenizer: PreTrainedTokenizerBase, out_dir: Path, seed
     return sum(p.numel() for p in model.parameters())
 
 
-def save_hf_folder(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    out_dir: Path,
-    state_dict: dict | None = None,
-    trainer_state: dict | None = None,
-) -> None:
-    """save_pretrained into a temp folder, then rename: a reader never sees a half-written model.
-    trainer_state (steps, config, last metrics) goes to trainer_state.json beside the weights."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    _rmtree(tmp)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if trainer_state is not None:
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
-    _rmtree(out_dir)
-    tmp.rename(out_dir)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    if path.exists():
-        shutil.rmtree(path)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Checks that run before training: a clear message instead of a stack trace minutes in.
 
@@ -92,18 +59,12 @@ def _rmtree(path: Path) -> None:
 def check_model_dir(path: str | Path) -> Path:
     """`path`, checked: a Hugging Face model folder, or a PEFT adapter folder whose bases end in one."""
     path = Path(path)
-    from aft_fast.models import adapters  # adapters builds on this module
+    from aft_fast.models import adapters  # adapters builds on folders.py, not on this module
 
     if adapters.is_adapter_dir(path):
-        check_model_dir(adapters.adapter_chain(path)[0])
+        check_hf_folder(adapters.adapter_chain(path)[0])
         return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder {path} does not exist (expected a Hugging Face model folder)")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {path} has no config.json: not a Hugging Face model folder")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise FileNotFoundError(f"model folder {path} has no weights (looked for {', '.join(WEIGHT_FILES)})")
-    return path
+    return check_hf_folder(path)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

@@ -22,8 +22,9 @@ from aft_fast.constants import TrainMode
 from aft_fast.data.batch import Batch, Encoded
 from aft_fast.data.collate import collate
 from aft_fast.models import attention
+from aft_fast.models.folders import save_hf_folder
 from aft_fast.models.forward import AFTModel
-from aft_fast.models.loading import load_partitioned, save_hf_folder
+from aft_fast.models.loading import load_partitioned
 from aft_fast.options import LossOptions
 from aft_fast.train import checkpoint
 from aft_fast.train.config import InputError, TrainConfig

@@ -32,8 +32,8 @@ from aft_fast.eval.evaluate import (
     write_results,
 )
 from aft_fast.eval.plots import plot_score_distributions, plot_scores_by_form
+from aft_fast.models.folders import TRAINER_STATE
 from aft_fast.models.loading import (
-    TRAINER_STATE,
     check_model_dir,
     check_vocab,
     create_default_model,
