@@ -27,13 +27,12 @@ struct RowKernels {
   void (*scale)(float* z, int64_t n, float factor);
   // z <- z + b
   void (*add)(float* z, const float* b, int64_t n);
-  // The soft cap (logits = cap * tanh(y), docs/design.md section 2), in three passes over a row:
+  // The soft cap (logits = cap * tanh(y), docs/design.md section 2):
   // z <- tanh(z) in place
   void (*tanh_inplace)(float* z, int64_t n);
-  // sum of exp(a * z - shift), z untouched
-  float (*exp_affine_sum)(const float* z, int64_t n, float a, float shift);
-  // z <- exp(a * z - shift) * (1 - z^2) in place: for z = tanh(y), the probability times d tanh / d y
-  void (*softcap_probs)(float* z, int64_t n, float a, float shift);
+  // z <- exp(a * z - shift) * (1 - z^2) in place, returns the sum of exp(a * z - shift): for z = tanh(y),
+  // the unnormalized probability times d tanh / d y, and the softmax's denominator (one exp an element)
+  float (*softcap_exp_sum)(float* z, int64_t n, float a, float shift);
 };
 
 // The table of the level chosen for this process (chosen at the first call; see cpu_dispatch.cpp).

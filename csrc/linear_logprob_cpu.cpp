@@ -119,15 +119,18 @@ std::tuple<at::Tensor, at::Tensor> chunk_logprob(
         continue;
       }
       if (cap) {
-        // logits = a * tanh(z): |logits| <= a, max = a * max(tanh); z keeps tanh until the last pass.
+        // logits = a * tanh(z), max = a * max(tanh); p * (1 - tanh^2) = exp(logit - m) * (1 - tanh^2) / s.
         k.tanh_inplace(z, V);
         const float tt = z[t];
         float l = sp[r];
-        if (!have_lse) {
+        if (have_lse) {
+          k.softcap_exp_sum(z, V, a, l);
+        } else {
           const float m = a * k.row_max(z, V);
-          l = m + std::log(k.exp_affine_sum(z, V, a, m));
+          const float s = k.softcap_exp_sum(z, V, a, m);
+          k.scale(z, V, 1.f / s);
+          l = m + std::log(s);
         }
-        k.softcap_probs(z, V, a, l);
         z[t] += tt * tt;  // chunk_grad adds coef here: the target's entry becomes coef * (1 - tt^2) * (1 - p)
         lp[r] = a * tt - l;
         sp[r] = l;

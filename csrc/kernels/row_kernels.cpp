@@ -97,28 +97,27 @@ void tanh_inplace(float* z, int64_t n) {
   for (; i < n; ++i) z[i] = std::tanh(z[i]);
 }
 
-float exp_affine_sum(const float* z, int64_t n, float a, float shift) {
+float softcap_exp_sum(float* z, int64_t n, float a, float shift) {
   int64_t i = 0;
-  const Vec va(a), vshift(shift);
+  const Vec va(a), vshift(shift), one(1.f);
   Vec acc(0.f);
-  for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + (Vec::loadu(z + i) * va - vshift).exp_u20();
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec t = Vec::loadu(z + i);
+    const Vec e = (t * va - vshift).exp_u20();
+    acc = acc + e;
+    (e * (one - t * t)).store(z + i);
+  }
   float s = at::vec::vec_reduce_all<float>([](const Vec& x, const Vec& y) { return x + y; }, acc);
-  for (; i < n; ++i) s += std::exp(a * z[i] - shift);
+  for (; i < n; ++i) {
+    const float e = std::exp(a * z[i] - shift);
+    s += e;
+    z[i] = e * (1.f - z[i] * z[i]);
+  }
   return s;
 }
 
-void softcap_probs(float* z, int64_t n, float a, float shift) {
-  int64_t i = 0;
-  const Vec va(a), vshift(shift), one(1.f);
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec t = Vec::loadu(z + i);
-    ((t * va - vshift).exp_u20() * (one - t * t)).store(z + i);
-  }
-  for (; i < n; ++i) z[i] = std::exp(a * z[i] - shift) * (1.f - z[i] * z[i]);
-}
-
 constexpr RowKernels kKernels{&row_max, &exp_shift_sum, &exp_shift_sum_half, &half_scaled, &scale, &add,
-                              &tanh_inplace, &exp_affine_sum, &softcap_probs};
+                              &tanh_inplace, &softcap_exp_sum};
 
 }  // namespace
 
