@@ -63,7 +63,7 @@ def encode_group(
                 f"group {group.id!r}: candidate {missing[0]} has no ref_logp (run the sample stage "
                 "with mode dpo to store it)"
             )
-        ref_logp = [float(c.ref_logp) for c in group.candidates]
+        ref_logp = [float(c.ref_logp) for c in group.candidates if c.ref_logp is not None]  # all of them
     if with_reference and group.reference:
         members.insert(0, encode_chain(tokenizer, group.reference))
         labels.insert(0, max(labels, default=1))
@@ -87,7 +87,8 @@ def fit_members(items: list[Encoded], max_length: int) -> tuple[list[Member], Se
     """Every member of `items` (group ids 0..len(items)-1 in order), cut to max_length, in segment order."""
     if not items:
         raise ValueError("collate: no groups")
-    members, group, label, is_ref, ref_logp = [], [], [], [], []
+    members: list[Member] = []
+    group, label, is_ref, ref_logp = [], [], [], []
     with_ref_logp = items[0].ref_logp is not None
     for g, item in enumerate(items):
         if (item.ref_logp is not None) != with_ref_logp:
@@ -100,7 +101,7 @@ def fit_members(items: list[Encoded], max_length: int) -> tuple[list[Member], Se
             group.append(g)
             label.append(item.label[m])
             is_ref.append(item.is_reference[m])
-            if with_ref_logp:
+            if item.ref_logp is not None:  # every item, or none (checked above)
                 ref_logp.append(item.ref_logp[m])
     segs = Segments(
         group=torch.tensor(group, dtype=torch.long),

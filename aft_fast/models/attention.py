@@ -24,7 +24,9 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig
@@ -173,10 +175,17 @@ def _windows(config: PretrainedConfig) -> dict[str, int | None] | int | None:
     return {t: known[t] for t in set(layer_types)}
 
 
+def _packing(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence_ids, position_ids) of a packed or shared batch; the padded layout has no sequence ids."""
+    if batch.sequence_ids is None or batch.position_ids is None:
+        raise ValueError(f"layout {batch.layout}: no sequence_ids / position_ids to build a mask from")
+    return batch.sequence_ids, batch.position_ids
+
+
 def allowed(batch: Batch, window: int | None = None) -> torch.Tensor:
     """[B, L, L] bool: query i may attend to key j (Batch's rule; within `window` positions when set).
     Padding attends to the padding before it, so that no query row is empty."""
-    seq, pos = batch.sequence_ids, batch.position_ids
+    seq, pos = _packing(batch)
     idx = torch.arange(seq.shape[1], device=seq.device)
     ok = (seq[:, :, None] == seq[:, None, :]) & (idx[:, None] >= idx[None, :])
     if batch.member_ids is not None:
@@ -199,7 +208,7 @@ def block_mask(batch: Batch, window: int | None = None):
     """FlexAttention BlockMask with the same rule as `allowed` (evaluated block by block, never [L, L])."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    seq, mem, pos = batch.sequence_ids, batch.member_ids, batch.position_ids
+    (seq, pos), mem = _packing(batch), batch.member_ids
 
     def mask_mod(b, h, q, kv):
         ok = (seq[b, q] == seq[b, kv]) & (kv <= q)
@@ -217,7 +226,7 @@ def flash_varlen_kwargs(batch: Batch) -> dict:
     """Flash-attn varlen arguments: the batch as one row, sequence boundaries where sequence_ids change
     (sequence ids are unique in the batch, so a row's end is always a boundary; a padding run is a
     sequence of its own)."""
-    ids = batch.sequence_ids.reshape(-1)
+    ids = _packing(batch)[0].reshape(-1)
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[1:] = ids[1:] != ids[:-1]
     bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([ids.numel()], device=ids.device)])
@@ -240,12 +249,13 @@ def decoder_inputs(config: PretrainedConfig, batch: Batch, dtype: torch.dtype) -
             )
         return dict(
             input_ids=batch.input_ids.reshape(1, -1),
-            position_ids=batch.position_ids.reshape(1, -1),
+            position_ids=_packing(batch)[1].reshape(1, -1),
             attention_mask=None,
             **flash_varlen_kwargs(batch),
         )
     check_padding_free(config)
     windows = _windows(config)
+    build: Callable[[Batch, int | None], Any]
     if kernel == "flex_attention":
         build = block_mask
     elif kernel in DENSE_KERNELS:
