@@ -49,7 +49,8 @@ class TrainConfig:
         False, "skip finished stages and resume the interrupted one from its latest checkpoint"
     )
     overwrite: bool = _opt(
-        False, "replace the finished stages already in run_dir (without it, or --resume, a run over them stops)"
+        False,
+        "replace the finished stages already in run_dir (without it, or --resume, a run over them stops)",
     )
     # --- data ------------------------------------------------------------------------------------------
     train_data: str = _opt("", "training file (GSM8K / AQuA-RAT / ECQA); empty: the embedded synthetic task")
