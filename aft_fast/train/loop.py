@@ -291,6 +291,7 @@ def train(
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = AFTModel(lm, LossOptions.from_config(cfg, mode=mode.loss), backend=cfg.loss_backend)
+    print0(f"[{stage}] {model.note}")  # the logit post-processing read from the config; MoE router loss
     engine = build_engine(
         model,
         config,
