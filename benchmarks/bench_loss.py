@@ -2,6 +2,9 @@
 
 Providers, all on the same inputs in one run:
   eager   the unfused reference (full [T, V] logits, log_softmax, autograd): aft_fast.reference
+  trl     TRL 1.16's chunked LM-head log-prob (trl.kernels.ChunkedLogProbFunction, the head behind its
+          add_fused_lm_head and DPO/KTO/GRPO/RLOO/SFT): per-token log-probs of the scored rows, summed
+          per segment, then the same loss
   torch   aft_fast, backend="torch" (chunked pure PyTorch)
   cpp     aft_fast, backend="cpp" (the C++ extension), its products by the library it picks at run time
           (oneDNN where it runs, else ATen's mm: cpu_info()["gemm"])
@@ -43,7 +46,7 @@ except ImportError:
     import _common  # python benchmarks/bench_loss.py: the script's own folder is on sys.path
 
 HERE = Path(__file__).resolve()
-PROVIDERS = ["eager", "torch", "cpp", "cpp-aten", "cpp-keep", "cce", "liger", "floor", "floor-onednn"]
+PROVIDERS = ["eager", "trl", "torch", "cpp", "cpp-aten", "cpp-keep", "cce", "liger", "floor", "floor-onednn"]
 # The cpp backend picks its GEMM once per process: cpp-aten's workers start with the choice forced.
 WORKER_ENV = {"cpp-aten": {"AFT_FAST_CPU_GEMM": "aten"}}
 ONLY_FOR = {"cpp-keep": "linear_logprob"}  # aft_loss forms its gradient in the forward pass: nothing to keep
@@ -173,6 +176,18 @@ def build_call(op: str, provider: str, batch: dict):
             clear()
             nll = linear_cross_entropy(hidden[rows], weight, targets, reduction="none", impl="torch_compile")
             finish(torch.zeros(S).index_add(0, segments, -nll.float())).backward()
+        return call
+
+    if provider == "trl":
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE  # the vocab tile its fused head passes
+
+        def call():
+            clear()
+            # (hidden, weight, bias, targets, temperature, vocab tile, softcap, logit scale, extra outputs)
+            logp = ChunkedLogProbFunction.apply(hidden[rows], weight, None, targets, 1.0,
+                                                _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
+            finish(torch.zeros(S).index_add(0, segments, logp.float())).backward()
         return call
 
     if provider == "liger":
