@@ -12,22 +12,9 @@ from aft_fast.losses import checks
 from aft_fast.losses.aft_function import AFTInputs, AFTLossFunction
 from aft_fast.losses.linear_logprob import LinearLogProbFunction, LogProbInputs
 from aft_fast.losses.objectives import LossConfig
-from aft_fast.ops import cpp_chunks
 from aft_fast.ops.chunk_loop import default_chunk_size
 from aft_fast.ops.dispatch import resolve_backend
-from aft_fast.ops.logit_options import LogitOptions
 from aft_fast.outputs import AFTOutput
-
-
-def _resolve(backend: str, device: torch.device, post: LogitOptions) -> str:
-    """resolve_backend, and the soft cap the C++ ops lack: "auto" runs torch for it, "cpp" is refused."""
-    name = resolve_backend(backend, device)
-    if name == "cpp" and post.softcap is not None and not getattr(cpp_chunks, "SOFTCAP", False):
-        if backend == "cpp":
-            raise ValueError("softcap: the cpp backend does not take a soft cap yet; use backend='torch' "
-                             "(or 'auto', which picks it for a soft cap on the CPU)")
-        return "torch"
-    return name
 
 
 def aft_loss(
@@ -98,7 +85,7 @@ def aft_loss(
         is_reference=is_reference, counts=counts, ref_logp=ref_logp,
         cfg=LossConfig(mode=mode, beta=float(beta), w_vft=float(w_vft), w_align=float(w_align),
                        dpo_beta=float(dpo_beta), pro_tau=float(pro_tau)),
-        backend=_resolve(backend, hidden.device, post),
+        backend=resolve_backend(backend, hidden.device),
         chunk_size=chunk_size,
         post=post,
     )
@@ -146,7 +133,7 @@ def linear_logprob(
     post = checks.check_logit_options(logit_scale, softcap, temperature)
     inputs = LogProbInputs(
         rows=rows, targets=targets, segments=segments, num_segments=num_segments,
-        backend=_resolve(backend, hidden.device, post), post=post,
+        backend=resolve_backend(backend, hidden.device), post=post,
         chunk_size=chunk_size or default_chunk_size(weight.shape[0], rows.numel()),
         keep_bytes=keep_bytes,
     )
