@@ -15,8 +15,9 @@ A candidate's score (s_c, docs/design.md section 2) is the length-normalized log
 (eos included) after the prompt, computed by the fused `linear_logprob` (no [tokens x vocab] logits), on
 exactly the tokens AFT's collation trains on. Definitions of the metrics: `aft_fast.eval.metrics`.
 
-Generation and scoring are batched and sharded across ranks (`map_sharded`); every rank gets the full
-result, rank 0 writes it. Sampling is seeded per batch, so results do not depend on the process count.
+Generation (any `Sampler`, aft_fast/eval/sampler.py) and scoring are batched and sharded across ranks
+(`map_sharded`); every rank gets the full result, rank 0 writes it. Sampling is seeded per batch, so
+results do not depend on the process count.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from aft_fast.data.chains import FORMS, check_chain, is_checkable
 from aft_fast.data.collate import collate, encode_group
 from aft_fast.data.formats import Example
 from aft_fast.eval import metrics
-from aft_fast.eval.generation import generate_chains, map_sharded
+from aft_fast.eval.generation import map_sharded
+from aft_fast.eval.sampler import HFSampler, Sampler, SamplingParams, batch_seed
 from aft_fast.models.forward import segment_logprobs
 
 
@@ -200,29 +202,22 @@ def evaluate(
     seed: int = 0,
     fixed: list[CandidateGroup] | None = None,
     progress: bool = True,
+    sampler: Sampler | None = None,
 ) -> Evaluation:
     """All metrics of `model` on `examples` (collective when distributed). samples=0 skips sampling:
-    greedy accuracy and perplexity only (and the fixed set's assessment accuracy when given)."""
-
-    def generate(i: int, batch: list[Example]) -> list[tuple[str, list[str]]]:
-        questions = [e.question for e in batch]
-        greedy = generate_chains(model, tokenizer, questions, max_new_tokens=max_new_tokens)
-        sampled = [[] for _ in batch]
-        if samples:
-            sampled = generate_chains(
-                model,
-                tokenizer,
-                questions,
-                num_return_sequences=samples,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                max_new_tokens=max_new_tokens,
-                seed=seed * 1_000_003 + i,
-            )
-        return [(g[0], s) for g, s in zip(greedy, sampled, strict=True)]
-
-    outputs = map_sharded(examples, batch_size, generate, desc="eval", progress=progress)
+    greedy accuracy and perplexity only (and the fixed set's assessment accuracy when given). sampler:
+    where the chains come from (default: `model`'s own `generate`); `model` scores them."""
+    params = SamplingParams(
+        num_return_sequences=samples,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+    )
+    outputs = greedy_and_sampled(
+        sampler or HFSampler(model, tokenizer), examples, params, batch_size=batch_size, seed=seed,
+        progress=progress,
+    )
     groups = [
         label_candidates(CandidateGroup.from_example(e), texts)
         for e, (_, texts) in zip(examples, outputs, strict=True)
@@ -230,50 +225,95 @@ def evaluate(
     scored = score_groups(
         model, tokenizer, groups, max_length=max_length, batch_size=batch_size, progress=progress
     )
-
     chains = checkable(groups)
-    records = []
-    for e, (greedy, texts), g, s in zip(examples, outputs, groups, scored, strict=True):
-        pred = extract_answer(greedy, e.kind)
-        greedy_check = check_chain(e.question, greedy) if chains else None
-        votes = [extract_answer(t, e.kind) for t in texts]
-        answers = [extract_answer(c.text, e.kind) for c in g.candidates]
-        vote, top = metrics.majority_vote(votes), metrics.rerank(s.scores, answers)
-        wins, pairs = metrics.pair_wins(s.scores, g.labels())
-        records.append(
-            {
-                "id": e.id,
-                "gold": e.gold,
-                "pred": pred,
-                "correct": answers_match(pred, e.gold, e.kind),
-                "chain_ok": greedy_check and greedy_check.ok,
-                "form": greedy_check and greedy_check.form,
-                "reference_form": reference_form(g) if chains else None,
-                "output": greedy,
-                "votes": votes,
-                "vote": vote,
-                "vote_correct": answers_match(vote, e.gold, e.kind),
-                "rerank": top,
-                "rerank_correct": answers_match(top, e.gold, e.kind),
-                "pass_at_k": any(c.correct for c in g.candidates),
-                "pairs": pairs,
-                "pair_wins": wins,
-                "ref_nll": s.ref_nll,
-                "ref_tokens": s.ref_tokens,
-                "candidates": [
-                    {
-                        "text": c.text,
-                        "pred": a,
-                        "correct": c.correct,
-                        "chain_ok": c.chain_ok,
-                        "form": c.form,
-                        "score": sc,
-                    }
-                    for c, a, sc in zip(g.candidates, answers, s.scores, strict=True)
-                ],
-            }
+    records = [
+        _record(e, greedy, texts, g, s, chains)
+        for e, (greedy, texts), g, s in zip(examples, outputs, groups, scored, strict=True)
+    ]
+    result = Evaluation(_summary(records, groups, scored, samples, chains), records, groups, scored)
+    if fixed is not None:
+        _score_fixed(
+            model, tokenizer, fixed, result, max_length=max_length, batch_size=batch_size, progress=progress
         )
+    return result
 
+
+def greedy_and_sampled(
+    sampler: Sampler,
+    examples: list[Example],
+    params: SamplingParams,
+    *,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> list[tuple[str, list[str]]]:
+    """Each question's greedy chain and, when params.num_return_sequences > 0, that many sampled chains;
+    batches sharded over ranks, batch i sampled with `batch_seed(seed, i)`."""
+    greedy = SamplingParams(max_new_tokens=params.max_new_tokens)
+
+    def generate(i: int, batch: list[Example]) -> list[tuple[str, list[str]]]:
+        questions = [e.question for e in batch]
+        first = sampler.generate(questions, greedy)
+        sampled: list[list[str]] = [[] for _ in batch]
+        if params.num_return_sequences:
+            sampled = sampler.generate(questions, params, seed=batch_seed(seed, i))
+        return [(g[0], s) for g, s in zip(first, sampled, strict=True)]
+
+    return map_sharded(examples, batch_size, generate, desc="eval", progress=progress)
+
+
+def _record(
+    e: Example, greedy: str, texts: list[str], g: CandidateGroup, s: Scored, chains: bool
+) -> dict[str, Any]:
+    """One test question's record: its greedy answer (and chain check), the vote and the re-ranked pick
+    over its samples, and each candidate with its score."""
+    pred = extract_answer(greedy, e.kind)
+    greedy_check = check_chain(e.question, greedy) if chains else None
+    votes = [extract_answer(t, e.kind) for t in texts]
+    answers = [extract_answer(c.text, e.kind) for c in g.candidates]
+    vote, top = metrics.majority_vote(votes), metrics.rerank(s.scores, answers)
+    wins, pairs = metrics.pair_wins(s.scores, g.labels())
+    return {
+        "id": e.id,
+        "gold": e.gold,
+        "pred": pred,
+        "correct": answers_match(pred, e.gold, e.kind),
+        "chain_ok": greedy_check and greedy_check.ok,
+        "form": greedy_check and greedy_check.form,
+        "reference_form": reference_form(g) if chains else None,
+        "output": greedy,
+        "votes": votes,
+        "vote": vote,
+        "vote_correct": answers_match(vote, e.gold, e.kind),
+        "rerank": top,
+        "rerank_correct": answers_match(top, e.gold, e.kind),
+        "pass_at_k": any(c.correct for c in g.candidates),
+        "pairs": pairs,
+        "pair_wins": wins,
+        "ref_nll": s.ref_nll,
+        "ref_tokens": s.ref_tokens,
+        "candidates": [
+            {
+                "text": c.text,
+                "pred": a,
+                "correct": c.correct,
+                "chain_ok": c.chain_ok,
+                "form": c.form,
+                "score": sc,
+            }
+            for c, a, sc in zip(g.candidates, answers, s.scores, strict=True)
+        ],
+    }
+
+
+def _summary(
+    records: list[dict[str, Any]],
+    groups: list[CandidateGroup],
+    scored: list[Scored],
+    samples: int,
+    chains: bool,
+) -> dict[str, Any]:
+    """The eval/* metrics over the records and the scored samples."""
     n = len(records)
     own = assessment(groups, scored)
     pos, neg = split_scores(groups, scored)
@@ -301,36 +341,48 @@ def evaluate(
             }
         )
         summary.update({f"eval/{k}": v for k, v in form_assessment(groups, scored).items()})
-    result = Evaluation(summary, records, groups, scored)
-    if fixed is not None:
-        fixed_scored = score_groups(
-            model,
-            tokenizer,
-            fixed,
-            max_length=max_length,
-            batch_size=batch_size,
-            with_reference=False,
-            progress=progress,
-            desc="score fixed",
-        )
-        a = assessment(fixed, fixed_scored)
-        fpos, fneg = split_scores(fixed, fixed_scored)
-        summary.update(
-            {
-                "eval/fixed_assess_acc": a.accuracy,
-                "eval/fixed_assess_pairs": a.pairs,
-                "eval/fixed_assess_questions": a.questions,
-                "eval/fixed_pos_score": metrics.mean_or_none(fpos),
-                "eval/fixed_neg_score": metrics.mean_or_none(fneg),
-            }
-        )
-        summary.update({f"eval/fixed_{k}": v for k, v in form_assessment(fixed, fixed_scored).items()})
-        result.fixed_groups, result.fixed_scored = fixed, fixed_scored
-        result.fixed_records = [
-            {"id": g.id, "labels": g.labels(), "scores": s.scores}
-            for g, s in zip(fixed, fixed_scored, strict=True)
-        ]
-    return result
+    return summary
+
+
+def _score_fixed(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    fixed: list[CandidateGroup],
+    result: Evaluation,
+    *,
+    max_length: int,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Assessment on the fixed candidate set, each chain scored by `model`: into result (summary, groups,
+    scores, records)."""
+    fixed_scored = score_groups(
+        model,
+        tokenizer,
+        fixed,
+        max_length=max_length,
+        batch_size=batch_size,
+        with_reference=False,
+        progress=progress,
+        desc="score fixed",
+    )
+    a = assessment(fixed, fixed_scored)
+    fpos, fneg = split_scores(fixed, fixed_scored)
+    result.summary.update(
+        {
+            "eval/fixed_assess_acc": a.accuracy,
+            "eval/fixed_assess_pairs": a.pairs,
+            "eval/fixed_assess_questions": a.questions,
+            "eval/fixed_pos_score": metrics.mean_or_none(fpos),
+            "eval/fixed_neg_score": metrics.mean_or_none(fneg),
+        }
+    )
+    result.summary.update({f"eval/fixed_{k}": v for k, v in form_assessment(fixed, fixed_scored).items()})
+    result.fixed_groups, result.fixed_scored = fixed, fixed_scored
+    result.fixed_records = [
+        {"id": g.id, "labels": g.labels(), "scores": s.scores}
+        for g, s in zip(fixed, fixed_scored, strict=True)
+    ]
 
 
 def write_results(out_dir: str | Path, name: str, result: Evaluation, **meta: Any) -> dict[str, Path]:

@@ -20,11 +20,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from aft_fast.data.candidates import CandidateGroup, label_candidates, not_checkable_error, write_candidates
+from aft_fast.data.candidates import (
+    CandidateGroup,
+    label_candidates,
+    not_checkable_error,
+    write_candidates,
+)
 from aft_fast.data.chains import is_checkable
 from aft_fast.data.collate import collate, encode_group
 from aft_fast.data.formats import Example
-from aft_fast.eval.generation import generate_chains, map_sharded
+from aft_fast.eval.generation import map_sharded
+from aft_fast.eval.sampler import HFSampler, Sampler, SamplingParams, batch_seed
 from aft_fast.models.forward import segment_logprobs
 from aft_fast.models.loading import load_replica
 from aft_fast.train.config import TrainConfig
@@ -157,7 +163,10 @@ def run_sample(
     model_dir: Path,
     out_path: Path,
     dtype: torch.dtype,
+    sampler: Sampler | None = None,
 ) -> SampleStats:
+    """k candidates per training question from `sampler` (default: the model of `model_dir`'s own
+    `generate`), labelled, with the reference log-probs for the dpo modes; written to `out_path`."""
     t0 = time.perf_counter()
     questions = examples[: cfg.sample_limit or None]
     if cfg.label == "verified":  # fail before sampling, not after
@@ -165,19 +174,17 @@ def run_sample(
         if bad is not None:
             raise not_checkable_error(f"training question {bad.id!r}")
     model = load_replica(model_dir, dist.device, dtype)
+    chains = sampler or HFSampler(model, tokenizer)
+    params = SamplingParams(
+        num_return_sequences=cfg.num_samples,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+    )
 
     def sample(i: int, batch: list[Example]) -> list[list[str]]:
-        return generate_chains(
-            model,
-            tokenizer,
-            [e.question for e in batch],
-            num_return_sequences=cfg.num_samples,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed * 1_000_003 + i,
-        )
+        return chains.generate([e.question for e in batch], params, seed=batch_seed(cfg.seed, i))
 
     texts = map_sharded(questions, cfg.gen_batch_size, sample, desc="sample", progress=cfg.progress)
     groups = [
