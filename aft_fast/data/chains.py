@@ -85,7 +85,7 @@ def parse_question(question: str) -> Question | None:
         sub = next((m for p in _Q_SUB if (m := p.fullmatch(s))), None)
         if add is None and sub is None:
             return None
-        changes.append(int(add.group(1)) if add else -int(sub.group(1)))
+        changes.append(int(add.group(1)) if add else -int(sub.group(1)))  # type: ignore[union-attr]
     return Question(start.group(1), start.group(3), int(start.group(2)), tuple(changes))
 
 

@@ -96,7 +96,8 @@ def assessment(groups: list[CandidateGroup], scored: list[Scored]) -> metrics.As
 def split_scores(groups: list[CandidateGroup], scored: list[Scored]) -> tuple[list[float], list[float]]:
     """(scores of positives, scores of negatives) over the questions that have both (the ones assessment
     accuracy counts), for the distribution plot. Ranked groups: top rank vs the rest."""
-    pos, neg = [], []
+    pos: list[float] = []
+    neg: list[float] = []
     for g, s in zip(groups, scored, strict=True):
         labels = g.labels()
         if labels and max(labels) > min(labels):
@@ -120,7 +121,7 @@ def reference_form(group: CandidateGroup) -> str | None:
 
 def chain_info(group: CandidateGroup) -> list[tuple[bool, bool | None, str | None]]:
     """(answer right, chain ok, form) per candidate: the stored fields, else computed (older files)."""
-    out = []
+    out: list[tuple[bool, bool | None, str | None]] = []
     ok = is_checkable(group.question)
     for c in group.candidates:
         if c.answer_correct is not None and (c.chain_ok is not None or not ok):
@@ -128,7 +129,7 @@ def chain_info(group: CandidateGroup) -> list[tuple[bool, bool | None, str | Non
             continue
         right = answers_match(extract_answer(c.text, group.kind), group.gold, group.kind)
         check = check_chain(group.question, c.text) if ok else None
-        out.append((right, check and check.ok, check and check.form))
+        out.append((right, None if check is None else check.ok, None if check is None else check.form))
     return out
 
 

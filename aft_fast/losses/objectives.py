@@ -159,6 +159,7 @@ def _group_losses(
     elif base == "bcl":
         loss = _log1p_sum_exp(torch.cat([sj - si, threshold - sj]), torch.cat([pg, pg]), G)
     elif base == "dpo":
+        assert ref_logp is not None  # checked at the API (dpo modes need it)
         delta = sums - ref_logp.to(sums.dtype)
         pair_loss = -F.logsigmoid(cfg.dpo_beta * (delta[plan.pair_i] - delta[plan.pair_j]))
         num_pairs = torch.bincount(pg, minlength=G).clamp(min=1).to(sums.dtype)

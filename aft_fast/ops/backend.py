@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import torch
 
+from aft_fast.ops.logit_options import IDENTITY, LogitOptions
+
 Need = tuple[bool, bool, bool]  # whether hidden, weight, bias need a gradient
 MaybeGrads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
@@ -116,6 +118,7 @@ class Backend(Protocol):
         targets: torch.Tensor,
         chunk_size: int,
         keep_bytes: int = 0,
+        post: LogitOptions = IDENTITY,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(logp [T], lse [T]) fp32 and `kept`: what the backend keeps for backward within keep_bytes."""
         ...
@@ -133,6 +136,7 @@ class Backend(Protocol):
         chunk_size: int,
         logp: torch.Tensor | None = None,
         kept: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
+        post: LogitOptions = IDENTITY,
     ) -> MaybeGrads:
         """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where not `need`)."""
         ...
@@ -154,9 +158,11 @@ class Backend(Protocol):
         *,
         objective: ObjectiveFactory,
         live_seg: torch.Tensor | None = None,
+        post: LogitOptions = IDENTITY,
     ) -> AFTResult:
         """Loss, its parts, per-segment sums and (where `need`) the gradients for d(loss) = 1.
 
         objective: the loss layer's per-unit group loss; live_seg [S] bool: the segments whose gradient
-        can be nonzero (engines that skip dead rows order the others last)."""
+        can be nonzero (engines that skip dead rows order the others last); post: the logit
+        post-processing (docs/design.md section 2)."""
         ...

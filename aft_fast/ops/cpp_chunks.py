@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 try:
-    from aft_fast import _C  # noqa: F401  (loading the module registers the ops)
+    import aft_fast._C as _C  # noqa: F401  (loading the module registers the ops)
 
     AVAILABLE = True
     BUILD_ERROR = None

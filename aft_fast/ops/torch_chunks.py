@@ -42,6 +42,7 @@ def chunk_logprob(
         return _capped_logprob(buf, targets, lse, cap)
     target_logit = buf.gather(1, targets[:, None]).squeeze(1)
     if keep is not None:
+        assert keep_scale is not None  # the two come together
         top = buf.amax(dim=1, keepdim=True)
         total = buf.sub_(top).exp_().sum(dim=1)
         keep.copy_(buf.mul_(KEEP_MULT))
