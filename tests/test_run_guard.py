@@ -47,7 +47,8 @@ def _lock(run, **fields):
 
 def test_a_second_live_run_is_refused_with_the_holder(holder):
     run, proc = holder
-    with pytest.raises(InputError, match=rf"in use by a live run \(host {socket.gethostname()}, pid {proc.pid}"):
+    held = rf"in use by a live run \(host {socket.gethostname()}, pid {proc.pid}"
+    with pytest.raises(InputError, match=held):
         RunLock(run).acquire()
     assert json.loads((run / LOCK_NAME).read_text())["pid"] == proc.pid  # the holder keeps its lock
 
@@ -72,7 +73,8 @@ def test_the_lock_of_a_killed_run_is_taken_over(holder):
     proc.kill()
     proc.wait()
     lock = RunLock(run).acquire()
-    assert lock.message is not None and "no longer alive" in lock.message and f"pid {proc.pid}" in lock.message
+    assert lock.message is not None
+    assert "no longer alive" in lock.message and f"pid {proc.pid}" in lock.message
     assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
     lock.release()
     assert not (run / LOCK_NAME).exists()
@@ -96,7 +98,8 @@ def test_a_half_written_lock_is_taken_over(tmp_path):
 
 def test_a_lock_from_another_host_is_refused_with_its_path(tmp_path):
     _lock(tmp_path, host="elsewhere-node-7", pid=123)
-    with pytest.raises(InputError, match=r"another host \(host elsewhere-node-7, pid 123.*delete .*run\.lock"):
+    elsewhere = r"another host \(host elsewhere-node-7, pid 123.*delete .*run\.lock"
+    with pytest.raises(InputError, match=elsewhere):
         RunLock(tmp_path).acquire()
 
 
