@@ -36,8 +36,11 @@ def test_every_pointer_names_a_section():
     dangling = []
     for path in _text_files():
         for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            dangling += [f"{path.relative_to(ROOT)}:{n}: section {s}" for s in POINTER.findall(line)
-                         if s not in sections]
+            dangling += [
+                f"{path.relative_to(ROOT)}:{n}: section {s}"
+                for s in POINTER.findall(line)
+                if s not in sections
+            ]
     assert dangling == []
 
 

@@ -32,8 +32,11 @@ def test_the_defaults_are_the_public_apis():
     assert LossConfig is LossOptions  # the objectives' name is the same dataclass
 
 
-@pytest.mark.parametrize("fn", [aft_fast.aft_loss, aft_fast.AFTLoss.__init__, aft_loss_ref],
-                         ids=["aft_loss", "AFTLoss", "aft_loss_ref"])
+@pytest.mark.parametrize(
+    "fn",
+    [aft_fast.aft_loss, aft_fast.AFTLoss.__init__, aft_loss_ref],
+    ids=["aft_loss", "AFTLoss", "aft_loss_ref"],
+)
 def test_every_signature_spelling_the_options_has_their_defaults(fn):
     assert _signature_defaults(fn) == DEFAULTS
 
@@ -56,17 +59,28 @@ def test_mode_parts_and_floats():
 
 
 def _tiny_lm() -> torch.nn.Module:
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     return LlamaForCausalLM(config)
 
 
 def test_aft_model_takes_the_options_whole():
     lm = _tiny_lm()
     whole = AFTModel(lm, LossOptions(mode="dcl", beta=0.5), backend="torch")
-    spelled = AFTModel(lm, mode="dcl", beta=0.5, w_vft=1.0, w_align=1.0, dpo_beta=0.1, pro_tau=1.0,
-                       backend="torch")
-    assert whole.loss_options == spelled.loss_options == {**DEFAULTS, "mode": "dcl", "beta": 0.5,
-                                                          "backend": "torch"}
+    spelled = AFTModel(
+        lm, mode="dcl", beta=0.5, w_vft=1.0, w_align=1.0, dpo_beta=0.1, pro_tau=1.0, backend="torch"
+    )
+    assert (
+        whole.loss_options
+        == spelled.loss_options
+        == {**DEFAULTS, "mode": "dcl", "beta": 0.5, "backend": "torch"}
+    )
     with pytest.raises(ValueError, match="beta: given both"):
         AFTModel(lm, LossOptions(), beta=0.2)

@@ -216,7 +216,11 @@ def evaluate(
         max_new_tokens=max_new_tokens,
     )
     outputs = greedy_and_sampled(
-        sampler or HFSampler(model, tokenizer), examples, params, batch_size=batch_size, seed=seed,
+        sampler or HFSampler(model, tokenizer),
+        examples,
+        params,
+        batch_size=batch_size,
+        seed=seed,
         progress=progress,
     )
     groups = [

@@ -123,7 +123,8 @@ def prepare(lm: torch.nn.Module, layout: str, device: torch.device) -> Attention
 # Config fields of models whose layers mix tokens by something other than the attention mask (state-space,
 # convolution, linear-attention or recurrent layers): a packed or shared row would leak across members.
 _NON_ATTENTION_MIXING = re.compile(
-    r"mamba|ssm_|conv_|_conv|linear_attn|linear_conv|recurrent|lru_|block_type|attn_layer_")
+    r"mamba|ssm_|conv_|_conv|linear_attn|linear_conv|recurrent|lru_|block_type|attn_layer_"
+)
 # Model types that do so without a config field that says it.
 _UNMASKED_MODEL_TYPES = {
     "bloom": "ALiBi biases attention by the column in the row, not by the position id",
@@ -140,18 +141,25 @@ def check_padding_free(config: PretrainedConfig) -> None:
     name = type(config).__name__
     attn_config = getattr(config, "attn_config", None)  # MPT's: a dict or a config object
     alibi = getattr(config, "alibi", None) or (
-        attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", None))
+        attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", None)
+    )
     if alibi:
-        raise ValueError(f"layout packed/shared: config field alibi ({name}): ALiBi biases attention by the "
-                         "column in the row, not by the position id; use --layout padded")
+        raise ValueError(
+            f"layout packed/shared: config field alibi ({name}): ALiBi biases attention by the "
+            "column in the row, not by the position id; use --layout padded"
+        )
     model_type = getattr(config, "model_type", None)
     if model_type in _UNMASKED_MODEL_TYPES:
-        raise ValueError(f"layout packed/shared: config field model_type={model_type!r}: "
-                         f"{_UNMASKED_MODEL_TYPES[model_type]}; use --layout padded")
+        raise ValueError(
+            f"layout packed/shared: config field model_type={model_type!r}: "
+            f"{_UNMASKED_MODEL_TYPES[model_type]}; use --layout padded"
+        )
     for field, value in config.to_dict().items():
         if _NON_ATTENTION_MIXING.search(field) and value not in (None, False, 0):
-            raise ValueError(f"layout packed/shared: config field {field} ({name}): layers that mix tokens "
-                             "other than through the attention mask; use --layout padded")
+            raise ValueError(
+                f"layout packed/shared: config field {field} ({name}): layers that mix tokens "
+                "other than through the attention mask; use --layout padded"
+            )
     _windows(config)  # per-layer attention types
 
 

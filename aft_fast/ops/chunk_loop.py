@@ -127,22 +127,36 @@ class _Chunks:
         c, V = rows.numel(), self.weight.shape[0]
         keep = torch.empty(c, V, dtype=torch.float16, device=self.weight.device)
         keep_scale = torch.empty(c, dtype=torch.float32, device=self.weight.device)
-        logp, lse = self.prims.chunk_logprob(h, self.weight, self.bias, targets, self.buf[:c],
-                                             keep=keep, keep_scale=keep_scale)
+        logp, lse = self.prims.chunk_logprob(
+            h, self.weight, self.bias, targets, self.buf[:c], keep=keep, keep_scale=keep_scale
+        )
         return logp, lse, keep, keep_scale
 
     def grad_kept(self, keep, keep_scale, logp, coef, targets, rows, grads: Grads) -> None:
         """Gradients of one chunk from its kept probabilities: the two gradient products, no recompute."""
         h = self.rows_of(rows)
-        self.prims.chunk_grad_kept(keep, keep_scale, logp, self.buf[: rows.numel()], coef, targets, h,
-                                   self.weight, rows, grads.hidden, grads.weight, grads.bias)
+        self.prims.chunk_grad_kept(
+            keep,
+            keep_scale,
+            logp,
+            self.buf[: rows.numel()],
+            coef,
+            targets,
+            h,
+            self.weight,
+            rows,
+            grads.hidden,
+            grads.weight,
+            grads.bias,
+        )
 
     def grad_rows(self, state, coef, targets, rows, grads: Grads) -> None:
         h, probs, _ = state
         if self.cap is not None:  # d logits / d y = cap * (1 - tanh^2): the tanh part is in probs
             coef = coef * self.cap
-        self.prims.chunk_grad(probs, coef, targets, h, self.weight, rows,
-                              grads.hidden, grads.weight, grads.bias)
+        self.prims.chunk_grad(
+            probs, coef, targets, h, self.weight, rows, grads.hidden, grads.weight, grads.bias
+        )
 
     def grad(self, state, live: int, dsum, segments, targets, rows, grads: Grads) -> None:
         """Gradients of the first `live` rows (all of them here) for coef = dsum[segments]."""
@@ -174,8 +188,17 @@ def kept_chunks(vocab: int, tokens: int, chunk_size: int, keep_bytes: int) -> in
     return kept_tokens // chunk_size + (kept_tokens == tokens and tokens % chunk_size != 0)
 
 
-def logprob_forward(prims, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0,
-                    post: LogitOptions = IDENTITY):
+def logprob_forward(
+    prims,
+    hidden,
+    weight,
+    bias,
+    rows,
+    targets,
+    chunk_size: int,
+    keep_bytes: int = 0,
+    post: LogitOptions = IDENTITY,
+):
     """Per-token (logp [T], lse [T]) in fp32, one chunk of tokens at a time, and `kept`: for the first
     chunks that fit in keep_bytes, their probabilities (keep fp16 [c, V], keep_scale [c]), flat. With a
     soft cap nothing is kept (the gradient needs each logit's tanh, which kept probabilities lack):
@@ -197,8 +220,21 @@ def logprob_forward(prims, hidden, weight, bias, rows, targets, chunk_size: int,
     return logp, lse, kept
 
 
-def logprob_backward(prims, hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int,
-                     logp=None, kept=(), post: LogitOptions = IDENTITY):
+def logprob_backward(
+    prims,
+    hidden,
+    weight,
+    bias,
+    rows,
+    targets,
+    lse,
+    coef,
+    need,
+    chunk_size: int,
+    logp=None,
+    kept=(),
+    post: LogitOptions = IDENTITY,
+):
     """Gradients for d(loss)/d(logp) = coef [T]: from the kept probabilities of the first chunks (two
     products each), recomputing the other chunks' logits from `lse` (three). Tokens with coef 0 (a
     segment the caller's loss does not use) are left out of every product; a chunk of them is skipped."""
@@ -269,13 +305,16 @@ def plan_chunks(plan: Any, segments: torch.Tensor, chunk_size: int | None, sizin
         group_tokens = group_live = torch.bincount(tok_group, minlength=G).tolist()
     else:
         tok_live = live_seg[segments]
-        group_tokens, group_live = torch.stack([torch.bincount(tok_group, minlength=G),
-                                                torch.bincount(tok_group[tok_live], minlength=G)]).tolist()
+        group_tokens, group_live = torch.stack(
+            [torch.bincount(tok_group, minlength=G), torch.bincount(tok_group[tok_live], minlength=G)]
+        ).tolist()
     if chunk_size is None:
         chunk_size = sizing(max(group_tokens, default=0))
     chunk_size = max(1, chunk_size)
-    units = [Unit(g0, g1, t0, t1, sum(group_live[g0:g1]))
-             for g0, g1, t0, t1 in _pack_groups(group_tokens, chunk_size)]
+    units = [
+        Unit(g0, g1, t0, t1, sum(group_live[g0:g1]))
+        for g0, g1, t0, t1 in _pack_groups(group_tokens, chunk_size)
+    ]
     if live_seg is None:
         return torch.argsort(tok_group, stable=True), units, chunk_size
     groups_per_unit = torch.tensor([u.g1 - u.g0 for u in units])
@@ -285,8 +324,22 @@ def plan_chunks(plan: Any, segments: torch.Tensor, chunk_size: int | None, sizin
 
 
 def aft_forward(
-    prims, hidden, weight, bias, rows, targets, segments, counts, plan: Any, cfg: Any,
-    ref_logp, need: Need, chunk_size: int | None, *, objective: ObjectiveFactory, live_seg=None,
+    prims,
+    hidden,
+    weight,
+    bias,
+    rows,
+    targets,
+    segments,
+    counts,
+    plan: Any,
+    cfg: Any,
+    ref_logp,
+    need: Need,
+    chunk_size: int | None,
+    *,
+    objective: ObjectiveFactory,
+    live_seg=None,
     post: LogitOptions = IDENTITY,
 ) -> AFTResult:
     """Loss, its parts, per-segment sums, and (when `need`) the gradients, all in one call.
@@ -302,6 +355,7 @@ def aft_forward(
     vocab, tokens = weight.shape[0], rows.numel()
     sizing = getattr(prims, "chunk_size", None)
     if sizing is None:
+
         def sizing(largest):
             return group_chunk_size(vocab, tokens, largest)
     else:
@@ -347,18 +401,86 @@ class ChunkedBackend:
     def __init__(self, prims: ChunkPrims):
         self.prims = prims
 
-    def logprob_forward(self, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0,
-                        post: LogitOptions = IDENTITY):
-        return logprob_forward(self.prims, hidden, weight, bias, rows, targets, chunk_size, keep_bytes,
-                               post=post)
+    def logprob_forward(
+        self,
+        hidden,
+        weight,
+        bias,
+        rows,
+        targets,
+        chunk_size: int,
+        keep_bytes: int = 0,
+        post: LogitOptions = IDENTITY,
+    ):
+        return logprob_forward(
+            self.prims, hidden, weight, bias, rows, targets, chunk_size, keep_bytes, post=post
+        )
 
-    def logprob_backward(self, hidden, weight, bias, rows, targets, lse, coef, need: Need, chunk_size: int,
-                         logp=None, kept=(), post: LogitOptions = IDENTITY):
-        return logprob_backward(self.prims, hidden, weight, bias, rows, targets, lse, coef, need, chunk_size,
-                                logp=logp, kept=kept, post=post)
+    def logprob_backward(
+        self,
+        hidden,
+        weight,
+        bias,
+        rows,
+        targets,
+        lse,
+        coef,
+        need: Need,
+        chunk_size: int,
+        logp=None,
+        kept=(),
+        post: LogitOptions = IDENTITY,
+    ):
+        return logprob_backward(
+            self.prims,
+            hidden,
+            weight,
+            bias,
+            rows,
+            targets,
+            lse,
+            coef,
+            need,
+            chunk_size,
+            logp=logp,
+            kept=kept,
+            post=post,
+        )
 
-    def aft_forward(self, hidden, weight, bias, rows, targets, segments, counts, plan, cfg, ref_logp,
-                    need: Need, chunk_size: int | None, *, objective: ObjectiveFactory,
-                    live_seg=None, post: LogitOptions = IDENTITY) -> AFTResult:
-        return aft_forward(self.prims, hidden, weight, bias, rows, targets, segments, counts, plan, cfg,
-                           ref_logp, need, chunk_size, objective=objective, live_seg=live_seg, post=post)
+    def aft_forward(
+        self,
+        hidden,
+        weight,
+        bias,
+        rows,
+        targets,
+        segments,
+        counts,
+        plan,
+        cfg,
+        ref_logp,
+        need: Need,
+        chunk_size: int | None,
+        *,
+        objective: ObjectiveFactory,
+        live_seg=None,
+        post: LogitOptions = IDENTITY,
+    ) -> AFTResult:
+        return aft_forward(
+            self.prims,
+            hidden,
+            weight,
+            bias,
+            rows,
+            targets,
+            segments,
+            counts,
+            plan,
+            cfg,
+            ref_logp,
+            need,
+            chunk_size,
+            objective=objective,
+            live_seg=live_seg,
+            post=post,
+        )

@@ -41,19 +41,24 @@ def resolve_backend(name: str, device: torch.device) -> str:
         if cpp_chunks.AVAILABLE:
             return "cpp"
         if not _warned:
-            warnings.warn(f"aft_fast._C is not built ({cpp_chunks.BUILD_ERROR}); using the torch backend",
-                          stacklevel=3)
+            warnings.warn(
+                f"aft_fast._C is not built ({cpp_chunks.BUILD_ERROR}); using the torch backend", stacklevel=3
+            )
             _warned = True
         return "torch"
     if name == "cpp":
         if not cpp_chunks.AVAILABLE:
-            raise ValueError(f"backend: 'cpp' is not built ({cpp_chunks.BUILD_ERROR}); "
-                             "run `pip install -e . --no-build-isolation`")
+            raise ValueError(
+                f"backend: 'cpp' is not built ({cpp_chunks.BUILD_ERROR}); "
+                "run `pip install -e . --no-build-isolation`"
+            )
         if device.type != "cpu":
             raise ValueError(f"backend: 'cpp' runs CPU tensors, got tensors on {device}")
     if name == "triton" and not (triton_backend_available() and triton_runs_on(device)):
-        raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the "
-                         f"triton package; got tensors on {device}")
+        raise ValueError(
+            f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the "
+            f"triton package; got tensors on {device}"
+        )
     return name
 
 

@@ -70,8 +70,16 @@ def kept_tokens(vocab: int, tokens: int, dtype: torch.dtype, keep_bytes: int) ->
     return min(tokens, keep_bytes // (vocab * torch.finfo(dtype).bits // 8))
 
 
-def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int | None, keep_bytes: int = 0,
-                    post: LogitOptions = IDENTITY):
+def logprob_forward(
+    hidden,
+    weight,
+    bias,
+    rows,
+    targets,
+    chunk_size: int | None,
+    keep_bytes: int = 0,
+    post: LogitOptions = IDENTITY,
+):
     """(logp [T], lse [T]) fp32, and `kept`: the logits [n, V] in the input dtype of the first n tokens
     that fit in keep_bytes (`kept_tokens`), or nothing.
 
@@ -99,18 +107,40 @@ def logprob_forward(hidden, weight, bias, rows, targets, chunk_size: int | None,
     return logp, lse, [logits]
 
 
-def _fused_grads(hidden, weight, bias, rows, targets, lse, coef, need,
-                 post: LogitOptions = IDENTITY) -> tuple:
+def _fused_grads(
+    hidden, weight, bias, rows, targets, lse, coef, need, post: LogitOptions = IDENTITY
+) -> tuple:
     """fp32 gradients of sum_t coef[t] * logp[t] by the fused `linear_logprob_bwd` (recomputed logits)."""
     live = coef != 0
     if not bool(live.all()):  # drop the tokens that cannot contribute before the launch
         rows, targets, lse, coef = rows[live], targets[live], lse[live], coef[live]
-    return linear_logprob_bwd(hidden, weight, bias, rows, targets, lse, coef, need=tuple(need),
-                              grad_filter=GRAD_FILTER, **post.kernel_kwargs())
+    return linear_logprob_bwd(
+        hidden,
+        weight,
+        bias,
+        rows,
+        targets,
+        lse,
+        coef,
+        need=tuple(need),
+        grad_filter=GRAD_FILTER,
+        **post.kernel_kwargs(),
+    )
 
 
-def _kept_grads(hidden, weight, bias, rows, targets, lse, coef, logits, need, grads: Grads | None,
-                post: LogitOptions = IDENTITY) -> Grads:
+def _kept_grads(
+    hidden,
+    weight,
+    bias,
+    rows,
+    targets,
+    lse,
+    coef,
+    logits,
+    need,
+    grads: Grads | None,
+    post: LogitOptions = IDENTITY,
+) -> Grads:
     """Gradients of sum_t coef[t] * logp[t] over the n kept tokens (rows, targets, lse, coef [n]) from
     their logits [n, V], added into the fp32 `grads` (None: new accumulators). The logits are left as
     they are (a second backward reads them again): slices of a chunk of the tokens with coef != 0 are
@@ -136,8 +166,20 @@ def _kept_grads(hidden, weight, bias, rows, targets, lse, coef, logits, need, gr
     return grads
 
 
-def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size: int | None,
-                     logp=None, kept=(), post: LogitOptions = IDENTITY):
+def logprob_backward(
+    hidden,
+    weight,
+    bias,
+    rows,
+    targets,
+    lse,
+    coef,
+    need,
+    chunk_size: int | None,
+    logp=None,
+    kept=(),
+    post: LogitOptions = IDENTITY,
+):
     """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where need[i] is False).
 
     kept: `logprob_forward`'s; its n tokens take two products from their logits (`_kept_grads`), the
@@ -145,15 +187,18 @@ def logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk
     (one fp32 accumulator per input in either case).
     """
     if not kept:
-        return _cast(_fused_grads(hidden, weight, bias, rows, targets, lse, coef, need, post), hidden, weight,
-                     bias)
+        return _cast(
+            _fused_grads(hidden, weight, bias, rows, targets, lse, coef, need, post), hidden, weight, bias
+        )
     n = kept[0].shape[0]
     grads = None
     if n < rows.numel():
-        grads = Grads(*_fused_grads(hidden, weight, bias, rows[n:], targets[n:], lse[n:], coef[n:], need,
-                                    post))
-    grads = _kept_grads(hidden, weight, bias, rows[:n], targets[:n], lse[:n], coef[:n], kept[0], need, grads,
-                        post)
+        grads = Grads(
+            *_fused_grads(hidden, weight, bias, rows[n:], targets[n:], lse[n:], coef[n:], need, post)
+        )
+    grads = _kept_grads(
+        hidden, weight, bias, rows[:n], targets[:n], lse[:n], coef[:n], kept[0], need, grads, post
+    )
     return grads.cast_like(hidden, weight, bias)
 
 
@@ -198,9 +243,16 @@ def objective_with_grad(
     align = zero
     if cfg.mode != "vft" and plan.num_valid and plan.pair_i.numel():
         group_loss, dalign = group_loss_fwd(
-            sums, counts, ref_logp, **group_csr(plan), mode=cfg.base,
-            boundary_constraint=cfg.boundary_constraint, beta=cfg.beta, dpo_beta=cfg.dpo_beta,
-            pro_tau=cfg.pro_tau, scale=cfg.w_align / plan.num_valid,
+            sums,
+            counts,
+            ref_logp,
+            **group_csr(plan),
+            mode=cfg.base,
+            boundary_constraint=cfg.boundary_constraint,
+            beta=cfg.beta,
+            dpo_beta=cfg.dpo_beta,
+            pro_tau=cfg.pro_tau,
+            scale=cfg.w_align / plan.num_valid,
         )
         align = group_loss.sum() / plan.num_valid
         dsum += dalign
@@ -230,8 +282,12 @@ class GroupKernelObjective:
         candidates = torch.ones(counts.numel(), dtype=torch.bool, device=counts.device)
         candidates[plan.ref_seg] = False  # references are not members: their dsum entry stays put
         self.csr = group_csr(plan, candidates)
-        widths = torch.stack([(p[1:] - p[:-1]).max() for p in
-                              (self.csr["member_ptr"], self.csr["pair_ptr"], self.csr["top_ptr"])])
+        widths = torch.stack(
+            [
+                (p[1:] - p[:-1]).max()
+                for p in (self.csr["member_ptr"], self.csr["pair_ptr"], self.csr["top_ptr"])
+            ]
+        )
         most_members, most_pairs, most_tops = (max(1, int(n)) for n in widths.tolist())
         block_m = triton.next_power_of_2(most_members)
         block_p = min(triton.next_power_of_2(most_pairs), max(1, group_loss.MAX_TILE // block_m))
@@ -242,10 +298,22 @@ class GroupKernelObjective:
         if self.active:
             cfg = self.cfg
             triton_chunks.group_loss_range(
-                g0, g1, sums, self.counts, sums if self.ref is None else self.ref, **self.csr,
-                group_loss_out=self.group_loss, dsum=self.dsum, mode=group_loss.MODES[cfg.base],
-                has_bc=cfg.boundary_constraint, beta=cfg.beta, dpo_beta=cfg.dpo_beta,
-                inv_tau=1.0 / cfg.pro_tau, scale=cfg.w_align / self.plan.num_valid, blocks=self.blocks)
+                g0,
+                g1,
+                sums,
+                self.counts,
+                sums if self.ref is None else self.ref,
+                **self.csr,
+                group_loss_out=self.group_loss,
+                dsum=self.dsum,
+                mode=group_loss.MODES[cfg.base],
+                has_bc=cfg.boundary_constraint,
+                beta=cfg.beta,
+                dpo_beta=cfg.dpo_beta,
+                inv_tau=1.0 / cfg.pro_tau,
+                scale=cfg.w_align / self.plan.num_valid,
+                blocks=self.blocks,
+            )
         return self.dsum
 
     def result(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -257,9 +325,22 @@ class GroupKernelObjective:
 
 
 def aft_forward(
-    hidden, weight, bias, rows, targets, segments, counts, plan: Any, cfg: Any,
-    ref_logp, need: Need, chunk_size: int | None, *, objective: ObjectiveFactory | None = None,
-    live_seg=None, post: LogitOptions = IDENTITY,
+    hidden,
+    weight,
+    bias,
+    rows,
+    targets,
+    segments,
+    counts,
+    plan: Any,
+    cfg: Any,
+    ref_logp,
+    need: Need,
+    chunk_size: int | None,
+    *,
+    objective: ObjectiveFactory | None = None,
+    live_seg=None,
+    post: LogitOptions = IDENTITY,
 ) -> AFTResult:
     """Loss, its parts, per-segment sums and (where `need`) the gradients for d(loss) = 1.
 
@@ -267,21 +348,38 @@ def aft_forward(
     The group loss is the group-loss kernel's in both (`objective`, the loss layer's, is not used).
     """
     if STRATEGY not in STRATEGIES:
-        raise ValueError(f"AFT_FAST_TRITON_STRATEGY: expected one of {', '.join(STRATEGIES)}, "
-                         f"got {STRATEGY!r}")
+        raise ValueError(
+            f"AFT_FAST_TRITON_STRATEGY: expected one of {', '.join(STRATEGIES)}, got {STRATEGY!r}"
+        )
     if STRATEGY == "chunked":
         check_inputs(hidden, weight, bias, rows, targets)
-        return chunk_loop.aft_forward(triton_chunks, hidden, weight, bias, rows, targets, segments, counts,
-                                      plan, cfg, ref_logp, need, chunk_size, objective=GroupKernelObjective,
-                                      live_seg=live_seg, post=post)
+        return chunk_loop.aft_forward(
+            triton_chunks,
+            hidden,
+            weight,
+            bias,
+            rows,
+            targets,
+            segments,
+            counts,
+            plan,
+            cfg,
+            ref_logp,
+            need,
+            chunk_size,
+            objective=GroupKernelObjective,
+            live_seg=live_seg,
+            post=post,
+        )
     logp, lse, _ = logprob_forward(hidden, weight, bias, rows, targets, chunk_size, post=post)
     sums = torch.zeros(counts.numel(), dtype=torch.float32, device=hidden.device)
     sums.index_add_(0, segments, logp)
     loss, vft, align, dsum = objective_with_grad(sums, counts.float(), plan, cfg, ref_logp)
     grads = (None, None, None)
     if any(need):
-        grads = logprob_backward(hidden, weight, bias, rows, targets, lse, dsum[segments], need, chunk_size,
-                                 post=post)
+        grads = logprob_backward(
+            hidden, weight, bias, rows, targets, lse, dsum[segments], need, chunk_size, post=post
+        )
     return AFTResult(loss=loss, vft=vft, align=align, sums=sums, grads=grads)
 
 
@@ -289,17 +387,71 @@ class TritonBackend:
     """The `Backend` of this module's functions (looked up at call time: STRATEGY and GRAD_FILTER are
     module attributes that a benchmark or a test may set)."""
 
-    def logprob_forward(self, hidden, weight, bias, rows, targets, chunk_size: int, keep_bytes: int = 0,
-                        post: LogitOptions = IDENTITY):
+    def logprob_forward(
+        self,
+        hidden,
+        weight,
+        bias,
+        rows,
+        targets,
+        chunk_size: int,
+        keep_bytes: int = 0,
+        post: LogitOptions = IDENTITY,
+    ):
         return logprob_forward(hidden, weight, bias, rows, targets, chunk_size, keep_bytes, post=post)
 
-    def logprob_backward(self, hidden, weight, bias, rows, targets, lse, coef, need: Need, chunk_size: int,
-                         logp=None, kept=(), post: LogitOptions = IDENTITY):
-        return logprob_backward(hidden, weight, bias, rows, targets, lse, coef, need, chunk_size, logp=logp,
-                                kept=kept, post=post)
+    def logprob_backward(
+        self,
+        hidden,
+        weight,
+        bias,
+        rows,
+        targets,
+        lse,
+        coef,
+        need: Need,
+        chunk_size: int,
+        logp=None,
+        kept=(),
+        post: LogitOptions = IDENTITY,
+    ):
+        return logprob_backward(
+            hidden, weight, bias, rows, targets, lse, coef, need, chunk_size, logp=logp, kept=kept, post=post
+        )
 
-    def aft_forward(self, hidden, weight, bias, rows, targets, segments, counts, plan, cfg, ref_logp,
-                    need: Need, chunk_size: int | None, *, objective: ObjectiveFactory | None = None,
-                    live_seg=None, post: LogitOptions = IDENTITY) -> AFTResult:
-        return aft_forward(hidden, weight, bias, rows, targets, segments, counts, plan, cfg, ref_logp, need,
-                           chunk_size, objective=objective, live_seg=live_seg, post=post)
+    def aft_forward(
+        self,
+        hidden,
+        weight,
+        bias,
+        rows,
+        targets,
+        segments,
+        counts,
+        plan,
+        cfg,
+        ref_logp,
+        need: Need,
+        chunk_size: int | None,
+        *,
+        objective: ObjectiveFactory | None = None,
+        live_seg=None,
+        post: LogitOptions = IDENTITY,
+    ) -> AFTResult:
+        return aft_forward(
+            hidden,
+            weight,
+            bias,
+            rows,
+            targets,
+            segments,
+            counts,
+            plan,
+            cfg,
+            ref_logp,
+            need,
+            chunk_size,
+            objective=objective,
+            live_seg=live_seg,
+            post=post,
+        )

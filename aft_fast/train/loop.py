@@ -303,8 +303,10 @@ def train(
     )
     start = 0
     if saved is not None:
-        start = int(checkpoint.load(engine, ckpt_dir)["step"])
-        print0(f"[{stage}] resumed from {ckpt_dir / checkpoint.latest_tag(ckpt_dir)} at step {start}")
+        loaded = checkpoint.load(engine, ckpt_dir)
+        assert loaded is not None  # read_state found it above
+        start = int(loaded["step"])
+        print0(f"[{stage}] resumed from {ckpt_dir / str(checkpoint.latest_tag(ckpt_dir))} at step {start}")
     logger = MetricsLogger(cfg.run_dir, stage, cfg.tensorboard)
     meter = _Meter(cfg.beta if mode.boundary else None)
     bar = progress(steps, stage, cfg.progress, initial=start)

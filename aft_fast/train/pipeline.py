@@ -19,7 +19,12 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from aft_fast.constants import train_mode
-from aft_fast.data.candidates import CandidateGroup, not_checkable_error, read_candidates, relabel
+from aft_fast.data.candidates import (
+    CandidateGroup,
+    not_checkable_error,
+    read_candidates,
+    relabel,
+)
 from aft_fast.data.chains import FORMS, is_checkable
 from aft_fast.data.formats import DataError, Example, prompt_text, read_examples
 from aft_fast.data.synthetic import write_default_task
@@ -114,76 +119,15 @@ def prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
 
 def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
     t0 = time.perf_counter()
-    run, stage = cfg.run_path, cfg.stage
-    fresh = not cfg.resume
-    needs_train, needs_test = stage in ("all", "vft", "sample"), stage in ("all", "eval")
-    train_path, test_path = Path(cfg.train_data) if cfg.train_data else None, cfg.test_data or None
-    if train_path is None and (needs_train or (needs_test and test_path is None)):
-        data_dir = run / "data"
-        # A fresh vft/all run writes the task; later stages (and --resume) keep the run's own copy, so
-        # eval and sample see the data the run trained on even if the generator changed since.
-        rewrite = fresh and stage in ("all", "vft")
-        if dist.is_main and (rewrite or not (data_dir / "train.jsonl").is_file()):
-            write_default_task(
-                data_dir, cfg.synthetic_train, cfg.synthetic_test, cfg.seed, task=cfg.synthetic_task
-            )
-        _barrier()
-        train_path, test_path = data_dir / "train.jsonl", test_path or data_dir / "test.jsonl"
-    train = read_examples(train_path, cfg.data_format) if needs_train else []
-    if cfg.label == "verified" and stage in ("all", "sample"):  # before VFT trains, not after
-        bad = next((e for e in train[: cfg.sample_limit or None] if not is_checkable(e.question)), None)
-        if bad is not None:
-            raise not_checkable_error(f"{train_path}: question {bad.id!r}")
-    if needs_test and test_path is None:
-        raise ValueError("eval needs --test_data (the test split of --train_data's task)")
-    test = read_examples(test_path, cfg.data_format) if needs_test else []
-
-    if stage in ("all", "vft"):
-        start = Path(cfg.model) if cfg.model else run / "init"
-    elif stage in ("sample", "aft"):
-        start = Path(cfg.vft_model) if cfg.vft_model else run / "vft"
-    else:
-        # `aft-fast eval --model PATH` evaluates any HF folder; --eval_model (if set) takes precedence.
-        chosen = cfg.eval_model or cfg.model
-        start = (
-            Path(chosen)
-            if chosen
-            else next((run / s for s in ("aft", "vft") if (run / s).is_dir()), run / "aft")
-        )
-
-    built, n_params = stage in ("all", "vft") and not cfg.model, 0
-    if built:  # the embedded default: a tokenizer trained on the training texts, a fresh tiny Llama
-        tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else run / "tokenizer"
-        if dist.is_main and not cfg.tokenizer and (fresh or not tok_dir.is_dir()):
-            from aft_fast.data.tokenizer import train_tokenizer
-
-            train_tokenizer([prompt_text(e.question) + e.reference for e in train], tok_dir)
-        _barrier()
-        tokenizer = load_tokenizer(tok_dir)
-        if dist.is_main and (fresh or not start.is_dir()):
-            n_params = create_default_model(tokenizer, start, cfg.seed)
-        _barrier()
-    else:
-        tokenizer = load_tokenizer(Path(cfg.tokenizer) if cfg.tokenizer else check_model_dir(start))
+    train, test = _read_data(cfg, dist)
+    start = _start_model(cfg)
+    tokenizer, n_params = _tokenizer(cfg, dist, train, start)
     check_model_dir(start)
     check_vocab(tokenizer, start)
     resolve_ds_config_path(cfg.deepspeed_config)
-
-    groups = None
-    if stage == "aft":
-        groups = read_candidates(cfg.candidates_path)  # DataError names file:line; an empty file fails
-        groups = relabel(groups, cfg.label)  # one sampled file serves both label rules
-        if not any(g.candidates for g in groups):
-            raise ValueError(f"{cfg.candidates_path}: no group has a candidate")
-        if train_mode(cfg.mode).needs_ref_logp:
-            missing = [g.id for g in groups if any(c.ref_logp is None for c in g.candidates)]
-            if missing:
-                raise ValueError(
-                    f"{cfg.candidates_path}: mode {cfg.mode} needs ref_logp on every candidate; group "
-                    f"{missing[0]!r} lacks it (sample with --mode={cfg.mode})"
-                )
+    groups = _candidates(cfg) if cfg.stage == "aft" else None
     eval_groups = None
-    if cfg.eval_candidates and stage in ("all", "eval"):
+    if cfg.eval_candidates and cfg.stage in ("all", "eval"):
         eval_groups = read_candidates(cfg.eval_candidates)
     what = [f"{len(train)} train examples"] if train else []
     what += [f"{len(test)} test examples"] if test else []
@@ -195,6 +139,85 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
     summary.add("setup", time.perf_counter() - t0, ", ".join(what))
     return Inputs(tokenizer, train, test, start, groups, eval_groups)
 
+
+def _read_data(cfg: TrainConfig, dist: Dist) -> tuple[list[Example], list[Example]]:
+    """(train examples, test examples) the stages need: the given files, or the embedded task written
+    into the run folder."""
+    run, stage = cfg.run_path, cfg.stage
+    needs_train, needs_test = stage in ("all", "vft", "sample"), stage in ("all", "eval")
+    train_path = Path(cfg.train_data) if cfg.train_data else None
+    test_path = Path(cfg.test_data) if cfg.test_data else None
+    if train_path is None and (needs_train or (needs_test and test_path is None)):
+        data_dir = run / "data"
+        # A fresh vft/all run writes the task; later stages (and --resume) keep the run's own copy, so
+        # eval and sample see the data the run trained on even if the generator changed since.
+        rewrite = not cfg.resume and stage in ("all", "vft")
+        if dist.is_main and (rewrite or not (data_dir / "train.jsonl").is_file()):
+            write_default_task(
+                data_dir, cfg.synthetic_train, cfg.synthetic_test, cfg.seed, task=cfg.synthetic_task
+            )
+        _barrier()
+        train_path, test_path = data_dir / "train.jsonl", test_path or data_dir / "test.jsonl"
+    train = read_examples(train_path, cfg.data_format) if needs_train and train_path else []
+    if cfg.label == "verified" and stage in ("all", "sample"):  # before VFT trains, not after
+        bad = next((e for e in train[: cfg.sample_limit or None] if not is_checkable(e.question)), None)
+        if bad is not None:
+            raise not_checkable_error(f"{train_path}: question {bad.id!r}")
+    if needs_test and test_path is None:
+        raise ValueError("eval needs --test_data (the test split of --train_data's task)")
+    test = read_examples(test_path, cfg.data_format) if needs_test and test_path else []
+    return train, test
+
+
+def _start_model(cfg: TrainConfig) -> Path:
+    """The model folder the stage starts from."""
+    run, stage = cfg.run_path, cfg.stage
+    if stage in ("all", "vft"):
+        return Path(cfg.model) if cfg.model else run / "init"
+    if stage in ("sample", "aft"):
+        return Path(cfg.vft_model) if cfg.vft_model else run / "vft"
+    # `aft-fast eval --model PATH` evaluates any HF folder; --eval_model (if set) takes precedence.
+    chosen = cfg.eval_model or cfg.model
+    if chosen:
+        return Path(chosen)
+    return next((run / s for s in ("aft", "vft") if (run / s).is_dir()), run / "aft")
+
+
+def _tokenizer(
+    cfg: TrainConfig, dist: Dist, train: list[Example], start: Path
+) -> tuple[PreTrainedTokenizerBase, int]:
+    """The run's tokenizer, and the parameter count of the model built here (0: none built). The
+    embedded default is a tokenizer trained on the training texts and a fresh tiny Llama."""
+    if not (cfg.stage in ("all", "vft") and not cfg.model):
+        return load_tokenizer(Path(cfg.tokenizer) if cfg.tokenizer else check_model_dir(start)), 0
+    fresh, n_params = not cfg.resume, 0
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else cfg.run_path / "tokenizer"
+    if dist.is_main and not cfg.tokenizer and (fresh or not tok_dir.is_dir()):
+        from aft_fast.data.tokenizer import train_tokenizer
+
+        train_tokenizer([prompt_text(e.question) + e.reference for e in train], tok_dir)
+    _barrier()
+    tokenizer = load_tokenizer(tok_dir)
+    if dist.is_main and (fresh or not start.is_dir()):
+        n_params = create_default_model(tokenizer, start, cfg.seed)
+    _barrier()
+    return tokenizer, n_params
+
+
+def _candidates(cfg: TrainConfig) -> list[CandidateGroup]:
+    """The aft stage's candidate groups, relabelled by the run's rule and checked for what its mode needs."""
+    groups = read_candidates(cfg.candidates_path)  # DataError names file:line; an empty file fails
+    groups = relabel(groups, cfg.label)  # one sampled file serves both label rules
+    if not any(g.candidates for g in groups):
+        raise ValueError(f"{cfg.candidates_path}: no group has a candidate")
+    if train_mode(cfg.mode).needs_ref_logp:
+        missing = [g.id for g in groups if any(c.ref_logp is None for c in g.candidates)]
+        if missing:
+            raise ValueError(
+                f"{cfg.candidates_path}: mode {cfg.mode} needs ref_logp on every candidate; group "
+                f"{missing[0]!r} lacks it (sample with --mode={cfg.mode})"
+            )
+    return groups
 
 def _evaluate(
     cfg: TrainConfig,
@@ -230,7 +253,7 @@ def _evaluate(
     if dist.is_main:
         write_results(cfg.run_path, name, res, model=str(model_dir))
         panels = [(f"{name}: own samples", *split_scores(res.groups, res.scored))] if cfg.eval_samples else []
-        if res.fixed_groups is not None:
+        if res.fixed_groups is not None and res.fixed_scored is not None:
             panels.append((f"{name}: fixed set", *split_scores(res.fixed_groups, res.fixed_scored)))
         if panels:
             plot_score_distributions(panels, cfg.run_path / f"scores_{name}.png", title=str(model_dir))
@@ -251,11 +274,11 @@ def _evaluate(
 
 def _plot_before_after(cfg: TrainConfig, before: Evaluation, after: Evaluation) -> None:
     """scores_vft_vs_aft.png: both models scoring the same chains (the fixed set, else VFT's own samples)."""
-    if before.fixed_groups is not None:
+    if before.fixed_groups is not None and before.fixed_scored is not None:
         vft = split_scores(before.fixed_groups, before.fixed_scored)
     else:
         vft = split_scores(before.groups, before.scored)
-    if after.fixed_groups is None:
+    if after.fixed_groups is None or after.fixed_scored is None:
         return
     aft = split_scores(after.fixed_groups, after.fixed_scored)
     plot_score_distributions(
@@ -306,6 +329,51 @@ def compare_line(cfg: TrainConfig, values: dict) -> str | None:
     )
 
 
+def _sample_row(
+    cfg: TrainConfig,
+    dist: Dist,
+    tok: PreTrainedTokenizerBase,
+    train: list[Example],
+    vft_dir: Path,
+    dtype: torch.dtype,
+    summary: Summary,
+) -> None:
+    """The sample stage (or, resuming --stage all, the candidate file it wrote) and its summary row."""
+    out = cfg.candidates_path
+    if cfg.resume and cfg.stage == "all" and out.is_file():
+        s = group_stats(read_candidates(out), 0, 0.0)
+        s.duplicates = 0
+    else:
+        s = run_sample(cfg, dist, tok, train, vft_dir, out, dtype)
+    _free()
+    summary.add(
+        "sample",
+        s.seconds,
+        f"{s.candidates} candidates for {s.questions} questions: "
+        f"{s.positives} positive / {s.negatives} negative, both on {s.both} questions "
+        f"({100 * s.both / max(s.questions, 1):.0f}%), {s.duplicates} duplicates dropped, "
+        f"label {cfg.label}: {s.noise_text()} -> {out}",
+        positives=s.positives,
+        negatives=s.negatives,
+        both=s.both,
+        answer_positives=s.answer_positives,
+        **({"false_step": s.false_step} if s.false_step is not None else {}),
+    )
+
+
+def _write_summary(cfg: TrainConfig, dist: Dist, summary: Summary) -> None:
+    """The AFT-vs-VFT verdict printed, and summary.md / summary.json written by rank 0."""
+    verdict = compare_line(cfg, summary.values)
+    if verdict:
+        print0(verdict)
+    if dist.is_main:
+        run_dir = cfg.run_path
+        (run_dir / "summary.md").write_text(summary.table() + "\n" + (f"\n{verdict}\n" if verdict else ""))
+        (run_dir / "summary.json").write_text(
+            json.dumps({"rows": [r.__dict__ for r in summary.rows], "values": summary.values}, indent=1)
+        )
+
+
 def run(cfg: TrainConfig, dist: Dist) -> Summary:
     """Run cfg.stage ("all": every stage in order); returns the summary (rank 0 writes summary.md/json)."""
     summary = Summary()
@@ -332,26 +400,7 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
                 continue
             _train_row("vft", run_vft(cfg, dist, tok, inputs.train, inputs.start_model), summary)
         elif stage == "sample":
-            out = cfg.candidates_path
-            if cfg.resume and cfg.stage == "all" and out.is_file():
-                s = group_stats(read_candidates(out), 0, 0.0)
-                s.duplicates = 0
-            else:
-                s = run_sample(cfg, dist, tok, inputs.train, vft_dir, out, dtype)
-            _free()
-            summary.add(
-                "sample",
-                s.seconds,
-                f"{s.candidates} candidates for {s.questions} questions: "
-                f"{s.positives} positive / {s.negatives} negative, both on {s.both} questions "
-                f"({100 * s.both / max(s.questions, 1):.0f}%), {s.duplicates} duplicates dropped, "
-                f"label {cfg.label}: {s.noise_text()} -> {out}",
-                positives=s.positives,
-                negatives=s.negatives,
-                both=s.both,
-                answer_positives=s.answer_positives,
-                **({"false_step": s.false_step} if s.false_step is not None else {}),
-            )
+            _sample_row(cfg, dist, tok, inputs.train, vft_dir, dtype, summary)
         elif stage == "aft":
             groups = inputs.groups if inputs.groups is not None else read_candidates(cfg.candidates_path)
             aft_dir = cfg.stage_model_dir("aft")
@@ -377,14 +426,7 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
                 _plot_before_after(cfg, evals["vft"], evals["aft"])
         _free()
 
-    verdict = compare_line(cfg, summary.values)
-    if verdict:
-        print0(verdict)
-    if dist.is_main:
-        (run_dir / "summary.md").write_text(summary.table() + "\n" + (f"\n{verdict}\n" if verdict else ""))
-        (run_dir / "summary.json").write_text(
-            json.dumps({"rows": [r.__dict__ for r in summary.rows], "values": summary.values}, indent=1)
-        )
+    _write_summary(cfg, dist, summary)
     if lock is not None:
         lock.release()
     return summary

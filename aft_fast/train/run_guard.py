@@ -111,12 +111,12 @@ class RunLock:
                 self._held = True
                 return self
             alive = is_alive(holder) if holder is not None else False
-            if alive:
+            if alive and holder is not None:
                 raise InputError(
                     f"run_dir: {self.path.parent} is in use by a live run ({holder.describe()}); wait for it "
                     "to finish or give another --run_dir"
                 )
-            if alive is None:
+            if alive is None and holder is not None:  # no answer: the holder is on another host
                 raise InputError(
                     f"run_dir: {self.path.parent} is locked by a run on another host ({holder.describe()}); "
                     f"if that run is no longer alive, delete {self.path} and start again"

@@ -62,9 +62,8 @@ class SampleStats:
         if self.false_step is None:
             return "chains not checked (not the embedded task)"
         pct = self.false_step_pct
-        return (
-            f"{self.false_step} of {self.answer_positives} answer-positives have a false step"
-            + (f" ({pct:.1f}%)" if pct is not None else "")
+        return f"{self.false_step} of {self.answer_positives} answer-positives have a false step" + (
+            f" ({pct:.1f}%)" if pct is not None else ""
         )
 
 
@@ -113,8 +112,6 @@ def write_meta(candidates_path: str | Path, stats: SampleStats, *, label: str, t
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp, path)
     return path
-
-
 
 
 @torch.no_grad()
