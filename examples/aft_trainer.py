@@ -3,8 +3,9 @@ from aft_fast.integrations.trl import AFTConfig, AFTTrainer, patch_trl
 # One line puts TRL's trainers (DPO, KTO, GRPO, RLOO, SFT) on aft-fast's fused log-prob operator.
 patch_trl()
 
-# The AFT loss over candidate groups on the Hugging Face Trainer (accelerate: DDP, FSDP, DeepSpeed; PEFT
-# through peft_config=...). Data: a candidate JSONL, or a datasets.Dataset with prompt / candidates / labels.
+# The AFT loss over candidate groups on the Hugging Face Trainer (accelerate: DDP and DeepSpeed ZeRO-3 are
+# tested; PEFT through peft_config=...). Data: a candidate JSONL, or a datasets.Dataset with prompt /
+# candidates / labels.
 args = AFTConfig(
     output_dir="runs/default/aft-trainer",
     mode="bcl",  # the paper's boundary-constrained loss; also align, dcl, dpo, rrhf, pro, dpo+bc, ...
