@@ -1,6 +1,6 @@
 """Prompt formats (aft_fast/data/prompts.py): plain is the paper's template; chat is the tokenizer's chat
 template, the same ids in every stage (VFT items, AFT items, generation for sample and eval, scoring); a
-tokenizer without a chat template is refused."""
+tokenizer without a chat template is refused; a run does not resume under another format."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from aft_fast.data.prompts import bind_prompt_format, check_prompt_format, promp
 from aft_fast.data.synthetic import generate_problems
 from aft_fast.eval.generation import generate_chains
 from aft_fast.train.aft import encode_items
+from aft_fast.train.config import InputError, TrainConfig
+from aft_fast.train.loop import check_resumable
 
 # A small Jinja chat template of the usual shape: bos, role markers, the assistant's turn opened.
 CHAT_TEMPLATE = (
@@ -104,3 +106,29 @@ def test_a_tokenizer_without_a_chat_template_is_refused(tok_dir):
         prompt_ids(tok, "1 + 1?", "chat")
     with pytest.raises(ValueError, match="prompt_format: 'alpaca' is not one of plain, chat"):
         check_prompt_format(tok, "alpaca")
+
+
+def test_resume_under_another_prompt_format_or_adapter_is_refused():
+    saved = {"step": 2, "world_size": 1, "config": TrainConfig().to_dict()}
+    check_resumable(saved, TrainConfig(), "vft", 1)
+    with pytest.raises(InputError, match=r"cannot resume vft from step 2.*prompt_format: 'plain' -> 'chat'"):
+        check_resumable(saved, TrainConfig(prompt_format="chat"), "vft", 1)
+    with pytest.raises(InputError, match=r"lora_r: 0 -> 8"):
+        check_resumable(saved, TrainConfig(lora_r=8), "aft", 1)
+
+
+def test_the_cli_names_prompt_format_for_a_tokenizer_without_a_template(tok_dir, tmp_path):
+    from aft_fast.models.loading import create_default_model
+    from tests._train_support import run_python
+
+    create_default_model(_load(tok_dir), tmp_path / "model", seed=0)
+    args = [
+        "--stage=eval",
+        f"--model={tmp_path / 'model'}",
+        f"--run_dir={tmp_path / 'run'}",
+        "--prompt_format=chat",
+    ]
+    result = run_python([*args, "--synthetic_train=8", "--synthetic_test=2", "--progress=false"], timeout=600)
+    assert result.returncode != 0
+    assert "prompt_format chat: tokenizer" in result.stdout and "has no chat template" in result.stdout
+    assert "Traceback" not in result.stdout

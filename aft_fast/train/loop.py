@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from transformers import PreTrainedTokenizerBase
 from aft_fast.constants import TrainMode
 from aft_fast.data.batch import Batch, Encoded
 from aft_fast.data.collate import collate
-from aft_fast.models import attention
+from aft_fast.models import adapters, attention
+from aft_fast.models.attention import AttentionPlan
 from aft_fast.models.folders import save_hf_folder
 from aft_fast.models.forward import AFTModel
 from aft_fast.models.loading import load_partitioned
@@ -42,11 +44,15 @@ from aft_fast.train.logging import MetricsLogger, print0, progress
 KILL_ENV = "AFT_FAST_KILL_AT"  # "<stage>:<step>": tests use it to SIGKILL every rank after that step
 
 
+ADAPTER_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "qlora")
+
+
 def check_resumable(saved: dict, cfg: TrainConfig, stage: str, world_size: int) -> None:
     """A checkpoint continues only the run that wrote it: same data order, schedule, loss and process
     count (ZeRO-3 shards are per rank). Anything else would resume a different run silently."""
     keys = ["seed", "max_length", "warmup_ratio", "min_lr_ratio", "weight_decay", "grad_clip"]
     keys += [f"{stage}_{k}" for k in ("steps", "batch_size", "micro_batch_size", "lr")]
+    keys += ["prompt_format", *ADAPTER_KEYS]  # the prompts trained on, and what trains (full or adapters)
     if stage == "aft":
         keys += [*LossOptions.names(), "beta_from_spread"]
     diff = [
@@ -244,6 +250,39 @@ def _kill_hook(stage: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def build_model(
+    cfg: TrainConfig,
+    dist: Dist,
+    *,
+    stage: str,
+    init_model: Path,
+    config: dict,
+    mode: TrainMode,
+    layout: str,
+) -> tuple[AFTModel, AttentionPlan]:
+    """The module a stage trains: `init_model` loaded partitioned under the DeepSpeed `config`, its
+    attention switched to the kernel that can express `layout`, gradient checkpointing, and the fused
+    loss of `mode` around it. What wraps the language model (adapters) goes in between."""
+    if cfg.qlora:  # a 4-bit base (bitsandbytes, CUDA); aft_fast/models/adapters.py
+        lm = adapters.load_4bit(init_model, dist.device, model_dtype(config))
+    else:
+        lm = load_partitioned(init_model, config)
+    attn = attention.prepare(lm, layout, dist.device)  # the attention kernel that can express the layout
+    print0(f"[{stage}] layout {layout}, attention {attn.kernel}" + (f": {attn.note}" if attn.note else ""))
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft = None
+    if cfg.lora_r:  # the base frozen; only the adapters reach the optimizer (build_engine)
+        targets = adapters.parse_target_modules(cfg.lora_target_modules)
+        settings = adapters.LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets)
+        peft = adapters.add_lora(lm, settings, base=init_model, seed=cfg.seed)
+        print0(f"[{stage}] {adapters.describe(peft)}")
+    options = LossOptions.from_config(cfg, mode=mode.loss)
+    model = AFTModel(lm if peft is None else peft, options, backend=cfg.loss_backend)
+    print0(f"[{stage}] {model.note}")  # the logit post-processing read from the config; MoE router loss
+    return model, attn
+
+
 def train(
     cfg: TrainConfig,
     dist: Dist,
@@ -274,24 +313,18 @@ def train(
     )
     plan = StepPlan(len(items), micro_batch, dist.world_size, accum, cfg.seed)
     ckpt_dir = cfg.run_path / "checkpoints" / stage
-    saved = checkpoint.read_state(ckpt_dir) if cfg.resume else None
-    if saved is not None:
-        check_resumable(saved, cfg, stage, dist.world_size)
-    elif dist.is_main:
-        checkpoint.clear(ckpt_dir)  # a fresh start: checkpoints there belong to an older run
+    saved = _checkpoint_to_resume(cfg, dist, stage, ckpt_dir)
     print0(
         f"[{stage}] {len(items)} items, {steps} steps of {batch_size} ({micro_batch} per process x "
         f"{dist.world_size} processes x {accum} accumulation), {model_dtype(config)}, lr {lr}, "
         f"mode {mode.name} (loss {mode.loss}" + (f", beta {cfg.beta:.4g})" if mode.boundary else ")")
     )
-    lm = load_partitioned(init_model, config)
-    attn = attention.prepare(lm, layout, dist.device)  # the attention kernel that can express the layout
+    model, attn = build_model(
+        cfg, dist, stage=stage, init_model=init_model, config=config, mode=mode, layout=layout
+    )
+    peft = model.lm if cfg.lora_r else None  # the PeftModel around the frozen base (build_model)
+    lm = model.lm if peft is None else peft.get_base_model()
     max_tokens = attn.row_budget(cfg.max_tokens_per_row)
-    print0(f"[{stage}] layout {layout}, attention {attn.kernel}" + (f": {attn.note}" if attn.note else ""))
-    if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = AFTModel(lm, LossOptions.from_config(cfg, mode=mode.loss), backend=cfg.loss_backend)
-    print0(f"[{stage}] {model.note}")  # the logit post-processing read from the config; MoE router loss
     engine = build_engine(
         model,
         config,
@@ -315,39 +348,25 @@ def train(
     engine.train()
     for step in range(start, steps):
         log_step = (step + 1) % cfg.log_every == 0 or step + 1 == steps
-        for accum_step in range(accum):
-            idx = plan.micro_batch(step, accum_step, dist.rank)
-            batch = collate(
-                [items[i] for i in idx],
+        batches = (  # collated one at a time, as the forward passes take them
+            collate(
+                [items[i] for i in plan.micro_batch(step, accum_step, dist.rank)],
                 pad_id=tokenizer.pad_token_id,
                 max_length=cfg.max_length,
                 layout=layout,
                 max_tokens=max_tokens,
-            )
-            batch = batch.to(dist.device)
-            if tap is not None:
-                tap.armed = log_step and accum_step == 0
-            out = engine(**batch.tensors())
-            hidden = tap.take() if tap is not None else None
-            if hidden is not None:  # before the step: the same weights as this forward
-                meter.add_gradients(*_gradient_norms(model, hidden, batch))
-            engine.backward(out["loss"])
-            engine.step()  # DeepSpeed steps the optimizer and the schedule at the accumulation boundary
-            meter.add(batch, out)
-            tokens += batch.num_tokens
+            ).to(dist.device)
+            for accum_step in range(accum)
+        )
+        tokens += _optimizer_step(engine, model, batches, meter, tap if log_step else None)
         done = step + 1
         if done % cfg.log_every == 0 or done == steps:
             metrics = meter.reduce(engine.get_lr()[0], dist.device)
             logger.log(done, metrics)
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-            checkpoint.save(
-                engine,
-                ckpt_dir,
-                done,
-                {"step": done, "stage": stage, "world_size": dist.world_size, "config": cfg.to_dict()},
-                cfg.keep_checkpoints,
-            )
+            state = {"step": done, "stage": stage, "world_size": dist.world_size, "config": cfg.to_dict()}
+            checkpoint.save(engine, ckpt_dir, done, state, cfg.keep_checkpoints)
         _kill_hook(stage, done)
         bar.update()
     bar.close()
@@ -357,15 +376,55 @@ def train(
     seconds = time.perf_counter() - t0
     local = torch.tensor([float(tokens)], device=dist.device)
     deepspeed.comm.all_reduce(local)
+    trainer_state = {"stage": stage, "steps": steps, "config": cfg.to_dict(), "metrics": metrics}
+    if peft is not None:  # a PEFT adapter folder (and with merge_adapters the merged model beside it)
+        merged = out_dir.with_name(f"{out_dir.name}_merged") if cfg.merge_adapters else None
+        dtype = model_dtype(config)
+        adapters.save_stage(peft, tokenizer, out_dir, trainer_state, merged_dir=merged, dtype=dtype)
+        deepspeed.comm.barrier()
+        engine.destroy()
+    else:
+        _save_model(engine, lm, tokenizer, out_dir, trainer_state, dist.is_main)
+    return StageResult(steps, seconds, float(local.item()) / max(seconds, 1e-9), metrics)
+
+
+def _optimizer_step(
+    engine, model: AFTModel, batches: Iterable[Batch], meter: _Meter, tap: _HiddenTap | None
+) -> int:
+    """One optimizer step over its micro batches (DeepSpeed steps the optimizer and the schedule at the
+    accumulation boundary); returns the tokens read. With `tap` (a log step), the first micro batch's
+    hidden states give the gradient diagnostics, before the step: the same weights as its forward."""
+    tokens = 0
+    for accum_step, batch in enumerate(batches):
+        if tap is not None:
+            tap.armed = accum_step == 0
+        out = engine(**batch.tensors())
+        hidden = tap.take() if tap is not None else None
+        if hidden is not None:
+            meter.add_gradients(*_gradient_norms(model, hidden, batch))
+        engine.backward(out["loss"])
+        engine.step()
+        meter.add(batch, out)
+        tokens += batch.num_tokens
+    return tokens
+
+
+def _checkpoint_to_resume(cfg: TrainConfig, dist: Dist, stage: str, ckpt_dir: Path) -> dict | None:
+    """The state of the stage's latest checkpoint when resuming (checked to continue this very run);
+    on a fresh start, None and the folder's old checkpoints cleared (they belong to an older run)."""
+    saved = checkpoint.read_state(ckpt_dir) if cfg.resume else None
+    if saved is not None:
+        check_resumable(saved, cfg, stage, dist.world_size)
+    elif dist.is_main:
+        checkpoint.clear(ckpt_dir)
+    return saved
+
+
+def _save_model(engine, lm, tokenizer, out_dir: Path, trainer_state: dict, is_main: bool) -> None:
+    """The trained model as one Hugging Face folder (gathered from the ZeRO-3 partitions, written by rank
+    0), then the engine released (collective)."""
     state = consolidated_state_dict(engine)
-    if dist.is_main:
-        save_hf_folder(
-            lm,
-            tokenizer,
-            out_dir,
-            state_dict=state,
-            trainer_state={"stage": stage, "steps": steps, "config": cfg.to_dict(), "metrics": metrics},
-        )
+    if is_main:
+        save_hf_folder(lm, tokenizer, out_dir, state_dict=state, trainer_state=trainer_state)
     deepspeed.comm.barrier()
     engine.destroy()
-    return StageResult(steps, seconds, float(local.item()) / max(seconds, 1e-9), metrics)

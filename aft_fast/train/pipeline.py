@@ -27,6 +27,7 @@ from aft_fast.data.candidates import (
 )
 from aft_fast.data.chains import FORMS, is_checkable
 from aft_fast.data.formats import DataError, Example, prompt_text, read_examples
+from aft_fast.data.prompts import bind_prompt_format
 from aft_fast.data.synthetic import write_default_task
 from aft_fast.eval.evaluate import (
     Evaluation,
@@ -37,6 +38,7 @@ from aft_fast.eval.evaluate import (
     write_results,
 )
 from aft_fast.eval.plots import plot_score_distributions, plot_scores_by_form
+from aft_fast.models.adapters import check_qlora
 from aft_fast.models.folders import TRAINER_STATE
 from aft_fast.models.loading import (
     check_model_dir,
@@ -91,6 +93,21 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+def check_trained_format(model_dir: Path, prompt_format: str) -> None:
+    """ValueError when `model_dir` is a stage output of this trainer that learned another prompt format
+    (its trainer_state.json records the run's config): sampling, training or scoring it under another
+    template would show it prompts it never saw."""
+    state = model_dir / TRAINER_STATE
+    if not state.is_file():
+        return
+    trained = json.loads(state.read_text()).get("config", {}).get("prompt_format")
+    if trained is not None and trained != prompt_format:
+        raise ValueError(
+            f"prompt_format: {model_dir} was trained with prompt_format {trained} ({state}); this run asks "
+            f"for {prompt_format}. Use --prompt_format {trained}, or train that model again"
+        )
+
+
 def _finished(model_dir: Path, steps: int) -> bool:
     """A stage's Hugging Face folder exists and records the step count asked for."""
     state = model_dir / TRAINER_STATE
@@ -124,6 +141,11 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
     tokenizer, n_params = _tokenizer(cfg, dist, train, start)
     check_model_dir(start)
     check_vocab(tokenizer, start)
+    bind_prompt_format(tokenizer, cfg.prompt_format)  # every stage encodes prompts through this tokenizer
+    if cfg.stage in ("sample", "aft", "eval"):
+        check_trained_format(start, cfg.prompt_format)
+    if cfg.qlora:
+        check_qlora(dist.device)
     resolve_ds_config_path(cfg.deepspeed_config)
     groups = _candidates(cfg) if cfg.stage == "aft" else None
     eval_groups = None
@@ -396,6 +418,7 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
     for stage in stages:
         if stage == "vft":
             if cfg.resume and _finished(vft_dir, cfg.vft_steps):
+                check_trained_format(vft_dir, cfg.prompt_format)  # sample and aft will prompt it
                 summary.add("vft", 0.0, f"done earlier ({vft_dir})")
                 continue
             _train_row("vft", run_vft(cfg, dist, tok, inputs.train, inputs.start_model), summary)

@@ -147,9 +147,9 @@ def finished_outputs(cfg: TrainConfig, stages: tuple[str, ...]) -> list[Path]:
 
     Evaluation reports are not guarded: re-evaluating a model into its run folder is the usual use."""
     outputs = {
-        "vft": [cfg.stage_model_dir("vft"), cfg.run_path / "checkpoints" / "vft"],
+        "vft": [cfg.stage_model_dir("vft"), cfg.run_path / "vft_merged", cfg.run_path / "checkpoints/vft"],
         "sample": [cfg.candidates_path],
-        "aft": [cfg.stage_model_dir("aft"), cfg.run_path / "checkpoints" / "aft"],
+        "aft": [cfg.stage_model_dir("aft"), cfg.run_path / "aft_merged", cfg.run_path / "checkpoints/aft"],
     }
     return [p for s in stages for p in outputs.get(s, []) if p.exists()]
 
