@@ -6,6 +6,9 @@ Providers, all on the same groups in one run:
   padded  one right-padded row per member, fused loss (aft_fast.models.forward.AFTModel)
   packed  one [prompt | member] sequence per member, rows packed without padding, fused loss
   shared  one [prompt | member_1 | ... | member_k] sequence per group (the prompt encoded once), fused loss
+  full    shared, plus an AdamW step on every parameter (full fine-tuning; opt-in: --providers full,lora)
+  lora    shared, plus an AdamW step on LoRA adapters (r=16, alpha 32, every linear layer but the head; PEFT)
+          on the frozen model: the same model and batch as full
 
 The layouts run as training does: attention.prepare picks the kernel (CPU: SDPA with a dense 4-D mask;
 CUDA: FlexAttention, or flash-attn varlen for packed in bf16 when installed) and the row budget.
@@ -36,6 +39,8 @@ except ImportError:
 
 HERE = Path(__file__).resolve()
 PROVIDERS = ["naive", "padded", "packed", "shared"]
+OPTIMIZER_PROVIDERS = ["full", "lora"]  # a whole training step (optimizer included), full vs adapters
+LORA_RANK = 16
 # Llama-architecture shapes (random init: speed does not depend on the weights).
 MODELS = {
     "llama_tiny": dict(
@@ -106,7 +111,7 @@ def build_step(provider: str, args):
     )
     with torch.device(device):  # built where it runs: a 1B model's CPU init takes longer than the run
         lm = LlamaForCausalLM(config).to(dtype)
-    layout = "padded" if provider == "naive" else provider
+    layout = {"naive": "padded", "full": "shared", "lora": "shared"}.get(provider, provider)
     plan = attention.prepare(lm, layout, device)
     items = make_items(args.groups, args.k, args.prompt, args.min_member, args.max_member, config.vocab_size)
     max_length = args.prompt + args.max_member + 1
@@ -142,6 +147,8 @@ def build_step(provider: str, args):
 
         return step, lm, stats
 
+    if provider in OPTIMIZER_PROVIDERS:
+        return _training_step(provider, lm, batch, stats)
     model = AFTModel(lm, mode="bcl")
     tensors = batch.tensors()
 
@@ -149,6 +156,32 @@ def build_step(provider: str, args):
         lm.zero_grad(set_to_none=True)
         model(**tensors)["loss"].backward()
 
+    return step, lm, stats
+
+
+def _training_step(provider: str, lm, batch, stats: dict):
+    """Forward, backward and an AdamW step: on every parameter (full) or on LoRA adapters over the frozen
+    model (lora). The step's `reset` drops the optimizer state, so that the measured step allocates it (the
+    moments are what full fine-tuning pays for and LoRA does not)."""
+    import torch
+
+    from aft_fast.models.adapters import LoraSettings, add_lora
+    from aft_fast.models.forward import AFTModel
+
+    if provider == "lora":
+        lm = add_lora(lm, LoraSettings(r=LORA_RANK, alpha=2.0 * LORA_RANK))
+    params = [p for p in lm.parameters() if p.requires_grad]
+    stats["trainable"] = sum(p.numel() for p in params)
+    model = AFTModel(lm, mode="bcl")
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    tensors = batch.tensors()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(**tensors)["loss"].backward()
+        opt.step()
+
+    step.reset = opt.state.clear
     return step, lm, stats
 
 
@@ -162,6 +195,8 @@ def worker(args) -> None:
     for _ in range(args.warmup):
         step()
     lm.zero_grad(set_to_none=True)  # the baseline is the model alone: gradients count as "added"
+    if hasattr(step, "reset"):
+        step.reset()  # ... and optimizer state too
     gc.collect()
     sync = torch.cuda.synchronize if cuda else None
     # The memory probe's step is also the first timed one (a step is long: this saves one per provider).
@@ -204,9 +239,9 @@ def main() -> None:
         return worker(args)
 
     providers = [p for p in args.providers.split(",") if p]
-    unknown = sorted(set(providers) - set(PROVIDERS))
+    unknown = sorted(set(providers) - set(PROVIDERS + OPTIMIZER_PROVIDERS))
     if unknown:
-        parser.error(f"--providers: unknown {unknown}; expected from {PROVIDERS}")
+        parser.error(f"--providers: unknown {unknown}; expected from {PROVIDERS + OPTIMIZER_PROVIDERS}")
     if args.repeats < 1:
         parser.error("--repeats: must be at least 1")
     if not 1 <= args.min_member <= args.max_member:
