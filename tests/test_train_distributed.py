@@ -109,6 +109,24 @@ def test_resume_after_kill_matches_uninterrupted(assets, two_ranks, tmp_path):
     assert not (ckpt / ".tmp-step0000004").exists()
 
 
+def test_the_path_of_a_cpu_without_avx512_trains_the_same(assets, two_ranks, tmp_path):
+    """What an AVX2-only CPU runs, forced on this machine: ATen and the row loops at AVX2, and oneDNN
+    refusing its fp32 products the way it throws there, so the probe falls back to ATen's mm. The 2-rank
+    run says so in its log and reproduces the default path's losses and weights (only summation orders
+    differ)."""
+    env = clean_env(
+        ATEN_CPU_CAPABILITY="avx2", AFT_FAST_CPU_CAPABILITY="avx2", AFT_FAST_SIMULATE_ONEDNN_REFUSAL="1"
+    )
+    result = launch(2, aft_args(assets, tmp_path), env=env)
+    check(result)
+    assert "cpp backend: SIMD avx2" in result.stdout and "GEMM aten" in result.stdout, result.stdout[-3000:]
+    ours, ref = losses(tmp_path, "aft"), losses(two_ranks, "aft")
+    assert sorted(ours) == sorted(ref) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert ours[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-6), f"loss at step {step}"
+    assert_weights_close(weights(tmp_path / "aft"), weights(two_ranks / "aft"), rtol=1e-3, atol=1e-5)
+
+
 def test_two_nodes_on_loopback_match_one_node(assets, two_ranks, tmp_path):
     results = launch_two_nodes(aft_args(assets, tmp_path / "run"), tmp_path / "hostfile")
     for r in results:
