@@ -671,6 +671,12 @@ def report(plan: Plan, base: dict, start: dict, sweep: list[dict], results: list
         f"({meta['env']['torch']}, git {meta['env']['git_sha']}, {meta['env']['timestamp']}); "
         f"{plan.workers} arm workers. Shared base: {_base_times(base)}.",
         "",
+    ]
+    reused = [r for r in (*sweep, *results) if r.get("reused_from")]
+    if reused:  # results carried over into the cache by hand say where they came from
+        lines += [f"{len(reused)} of the {len(sweep) + len(results)} runs are reused: "
+                  f"{reused[0]['reused_from']}. Their times are those of that run.", ""]
+    lines += [
         f"Start: one VFT model ({cfg.vft_steps} steps, task `{cfg.synthetic_task}`) and one candidate file "
         f"({_meta_text(base)}), shared by every arm. Each arm: {plan.aft_steps} steps of "
         f"{plan.aft_batch_size} questions, lr {plan.aft_lr:g}, warm-up {cfg.warmup_ratio:g} then cosine, "
@@ -886,6 +892,20 @@ def _write(out: Path, name: str, text: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _settings_args(argv: list[str] | None) -> list[str]:
+    """The command line without --work_dir / --out: where files go changes no result, and the report
+    should not point to a folder of the machine it ran on."""
+    args, out, skip = list(sys.argv[1:] if argv is None else argv), [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--work_dir", "--out"):
+            skip = True
+        elif not a.startswith(("--work_dir=", "--out=")):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized run (about a minute); numbers mean nothing")
@@ -949,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "title": "--quick, toy size: the numbers mean nothing" if args.quick else "full run",
-        "command": "python benchmarks/reproduce.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+        "command": "python benchmarks/reproduce.py" + "".join(f" {a}" for a in _settings_args(argv)),
         "env": _common.environment(),
         "plots": [],
     }
