@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from aft_fast.constants import BACKENDS, MODES
+from aft_fast.constants import BACKENDS, MODES, train_mode
 from aft_fast.ops.logit_options import LogitOptions
 
 
@@ -137,7 +137,7 @@ def check_groups(hidden, group, label, is_reference, ref_logp, *, mode, beta, w_
             _fail(name, f"expected a finite number, got {value!r}")
     if not isinstance(pro_tau, (int, float)) or not pro_tau > 0 or not math.isfinite(pro_tau):
         _fail("pro_tau", f"expected a positive number, got {pro_tau!r}")
-    if mode.startswith("dpo"):
+    if train_mode(mode).needs_ref_logp:
         if ref_logp is None:
             _fail("ref_logp", f"mode {mode!r} needs the reference model's summed log-prob of each segment")
     if ref_logp is not None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from aft_fast.constants import train_mode
 from aft_fast.data.candidates import (
     CandidateGroup,
     label_candidates,
@@ -188,7 +189,7 @@ def run_sample(
         label_candidates(CandidateGroup.from_example(e), t, cfg.label)
         for e, t in zip(questions, texts, strict=True)
     ]
-    if cfg.mode.startswith("dpo"):
+    if train_mode(cfg.mode).needs_ref_logp:
         groups = reference_logps(
             model,
             tokenizer,
