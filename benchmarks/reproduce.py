@@ -667,7 +667,8 @@ def report(plan: Plan, base: dict, start: dict, sweep: list[dict], results: list
     lines = [
         f"# Reproduction: AFT against continued VFT and RFT, the constraint, label noise ({meta['title']})",
         "",
-        f"Command: `{meta['command']}`: {meta['minutes']:.0f} min on {meta['env']['gpu']} "
+        f"Command: `{meta['command']}`: {meta['minutes']:.0f} min in its last invocation, "
+        f"{_run_minutes(sweep, results):.0f} worker-min of arm runs in all, on {meta['env']['gpu']} "
         f"({meta['env']['torch']}, git {meta['env']['git_sha']}, {meta['env']['timestamp']}); "
         f"{plan.workers} arm workers. Shared base: {_base_times(base)}.",
         "",
@@ -824,6 +825,11 @@ def _meta_text(base: dict) -> str:
     if not m:
         return f"{base['cfg'].num_samples} samples per training question"
     return ", ".join(f"{k} {v}" for k, v in m.items() if isinstance(v, (int, float, str)) and k != "label")
+
+
+def _run_minutes(sweep: list[dict], results: list[dict]) -> float:
+    """Train and evaluation time of every arm run reported, cached ones included."""
+    return sum(r["train_seconds"] + r["eval_seconds"] for r in (*sweep, *results)) / 60
 
 
 def _base_times(base: dict) -> str:
