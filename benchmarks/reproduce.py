@@ -2,7 +2,7 @@
 continued vanilla fine-tuning and rejection-sampling fine-tuning (RFT), does the constraint matter (bcl and
 dcl against align; +bc for DPO, RRHF, PRO), and what label noise costs (answer labels against verified).
 
-    python benchmarks/reproduce.py          # the full run (about 75 min on 2 CPU cores): benchmarks/results/
+    python benchmarks/reproduce.py          # the full run (about 2 h 15 min on 2 cores): benchmarks/results/
     python benchmarks/reproduce.py --quick  # CI-sized (about a minute): toy sizes, the numbers mean nothing
 
 Protocol (everything in this process and its arm workers, through aft_fast's Python API, no launcher):
@@ -103,7 +103,7 @@ class Plan:
     eval_samples: int = 4  # per arm: own samples per test question, for self-consistency
     val_questions: int = 200
     workers: int = 2
-    budget_minutes: float = 75.0
+    budget_minutes: float = 150.0
 
     def settings(self, arm: str, beta: float) -> dict[str, Any]:
         return {
@@ -118,8 +118,9 @@ class Plan:
 
 
 def full_plan() -> Plan:
-    # 30 arm steps of 8 questions (make train's aft stage: 100): ~115 arm runs in about an hour of two
-    # workers; past --budget_minutes the lowest tier (the baselines under verified labels) is left out.
+    # 30 arm steps of 8 questions (make train's aft stage: 100): 115 arm runs of about 125 s each on one of
+    # two quiet cores (measured), about 2 h with the 14-min base; past --budget_minutes the lowest tier (the
+    # baselines under verified labels) is left out.
     return Plan(base={"save_every": 0}, aft_steps=30)
 
 
@@ -923,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aft_lr", type=float)
     p.add_argument("--eval_samples", type=int, help="own samples per test question (maj@k)")
     p.add_argument("--workers", type=int, help="arm processes at once (default 2)")
-    p.add_argument("--budget_minutes", type=float, help="start no arm past this (default 75)")
+    p.add_argument("--budget_minutes", type=float, help="start no arm past this (default 150)")
     p.add_argument("--work_dir", type=Path, help="models and caches (default runs/reproduce[-quick])")
     p.add_argument("--out", type=Path, help="tables and plots (default benchmarks/results; quick: work_dir)")
     p.add_argument("--progress", action="store_true", help="progress bars for the shared base")
