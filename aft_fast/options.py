@@ -1,21 +1,31 @@
-"""The options of the AFT loss family (docs/design.md section 2), in one frozen dataclass.
+"""The options of the AFT loss family (docs/design.md section 2): declared, defaulted and checked once.
 
-`aft_fast.aft_loss` and `AFTLoss` take them as keywords (their public signatures); inside, the loss
-layer, its backends, the objectives and `AFTModel` pass one `LossOptions` around. The defaults here are
-those of the public API (tests/test_options.py holds every signature that spells them to these).
+`LossOptions` is the one declaration of the six loss options. Its defaults are those of the public API:
+`aft_fast.aft_loss`, `AFTLoss`, `TrainConfig` and the Hugging Face integration's `AFTConfig` take theirs
+from here (tests/test_options.py holds every signature that spells them to these). Building one checks it:
+a value the loss cannot mean is a ValueError that names the argument. Inside, the loss layer, its backends,
+the objectives and `AFTModel` pass one `LossOptions` around.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from aft_fast.constants import MODES
 
 
 @dataclass(frozen=True)
 class LossOptions:
-    """mode: vft | align | dcl | bcl | dpo | rrhf | pro | dpo+bc | rrhf+bc | pro+bc; beta: the boundary
-    margin of bcl and +bc; w_vft, w_align: the weights of the two parts; dpo_beta: DPO's inverse
-    temperature; pro_tau: PRO's temperature. Checked by `aft_fast.losses.checks.check_groups`."""
+    """mode: vft | align | dcl | bcl | dpo | rrhf | pro | dpo+bc | rrhf+bc | pro+bc.
+    beta: the boundary margin of bcl and +bc (B = min top-rank score - beta), >= 0. Default 1.0: scores are
+        per-token log-probs, so negatives may sit one nat per token below the positives.
+    w_vft, w_align: the weights of the two parts, >= 0 (the paper adds them: 1.0 and 1.0; a negative weight
+        would maximize what the loss minimizes).
+    dpo_beta: DPO's inverse temperature, > 0 (0.1, DPO's own default).
+    pro_tau: PRO's temperature, > 0 (1.0).
+    The numbers are stored as floats (ints are accepted; the kernels take floats)."""
 
     mode: str = "bcl"
     beta: float = 1.0
@@ -23,6 +33,19 @@ class LossOptions:
     w_align: float = 1.0
     dpo_beta: float = 0.1
     pro_tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode: unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        for name in self.names()[1:]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+            positive = name in ("dpo_beta", "pro_tau")  # a temperature: 0 divides by zero
+            if value < 0 or (positive and value == 0):
+                need = "a positive number" if positive else "a number >= 0"
+                raise ValueError(f"{name}: expected {need}, got {value!r}")
+            object.__setattr__(self, name, float(value))
 
     @property
     def base(self) -> str:

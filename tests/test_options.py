@@ -58,6 +58,73 @@ def test_mode_parts_and_floats():
     assert floats == LossOptions(beta=2.0, w_vft=0.0, pro_tau=3.0)
 
 
+# Values the loss cannot mean: each is refused with a ValueError that names the argument, wherever the
+# options enter (the one declaration checks them for every entry).
+BAD = [
+    ("mode", "kto"),
+    ("beta", -1.0),
+    ("beta", float("nan")),
+    ("w_vft", -1.0),
+    ("w_align", -0.5),
+    ("w_align", float("inf")),
+    ("dpo_beta", 0.0),
+    ("dpo_beta", -0.1),
+    ("pro_tau", 0.0),
+    ("pro_tau", -2.0),
+    ("beta", "1.0"),
+    ("w_vft", True),
+]
+BAD_IDS = [f"{name}={value!r}" for name, value in BAD]
+
+
+@pytest.mark.parametrize("name,value", BAD, ids=BAD_IDS)
+def test_bad_options_are_refused_by_name(name, value):
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        LossOptions(**{name: value})
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        aft_fast.AFTLoss(**{name: value})
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        TrainConfig(**{name: value})
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        AFTModel(_tiny_lm(), **{name: value})
+
+
+@pytest.mark.parametrize("name,value", BAD, ids=BAD_IDS)
+def test_aft_loss_refuses_bad_options_by_name(name, value):
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(4, 8, generator=g), torch.randn(11, 8, generator=g)
+    index = dict(
+        rows=torch.tensor([0, 1, 2, 3]),
+        targets=torch.tensor([1, 2, 3, 4]),
+        segments=torch.tensor([0, 0, 1, 1]),
+        group=torch.tensor([0, 0]),
+        label=torch.tensor([1, 0]),
+        is_reference=torch.tensor([False, False]),
+    )
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        aft_fast.aft_loss(hidden, weight, **index, backend="torch", **{name: value})
+
+
+@pytest.mark.parametrize("name,value", BAD[:4], ids=BAD_IDS[:4])
+def test_aft_config_refuses_bad_options_by_name(name, value, tmp_path):
+    from aft_fast.integrations.hf import AFTConfig
+
+    with pytest.raises(ValueError, match=rf"^AFTConfig\.{name}:"):
+        AFTConfig(output_dir=str(tmp_path), report_to=[], **{name: value})
+    fields = {f.name: f.default for f in dataclasses.fields(AFTConfig)}
+    assert {n: fields[n] for n in LossOptions.names()} == DEFAULTS
+
+
+def test_the_issue_cases_are_refused():
+    """bcl with beta = -1 and w_vft = -1 were accepted silently (loss 11.72 and -3.80); now named."""
+    with pytest.raises(ValueError, match="^beta: expected a number >= 0, got -1.0"):
+        LossOptions(mode="bcl", beta=-1.0)
+    with pytest.raises(ValueError, match="^w_vft: expected a number >= 0, got -1.0"):
+        LossOptions(w_vft=-1.0)
+    # The edges that mean something stay accepted: no margin, one part switched off.
+    assert LossOptions(beta=0.0, w_vft=0.0).kwargs() == {**DEFAULTS, "beta": 0.0, "w_vft": 0.0}
+
+
 def _tiny_lm() -> torch.nn.Module:
     config = LlamaConfig(
         vocab_size=32,

@@ -32,7 +32,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from aft_fast.constants import BACKENDS, MODES
+from aft_fast.constants import BACKENDS, MODES, train_mode
 from aft_fast.data.batch import LAYOUTS, Batch, Encoded
 from aft_fast.data.candidates import Candidate, CandidateGroup, read_candidates
 from aft_fast.data.collate import collate, encode_group
@@ -64,12 +64,16 @@ class AFTConfig(TrainingArguments):
     backend: the fused operator's backend (auto | triton | cpp | torch).
     """
 
-    mode: str = field(default="bcl", metadata={"help": f"AFT loss mode: {', '.join(MODES)}"})
-    beta: float = field(default=1.0, metadata={"help": "boundary margin of bcl and +bc modes"})
-    w_vft: float = field(default=1.0, metadata={"help": "weight of L_vft (reference chains)"})
-    w_align: float = field(default=1.0, metadata={"help": "weight of L_align (candidate pairs)"})
-    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's inverse temperature (dpo modes)"})
-    pro_tau: float = field(default=1.0, metadata={"help": "PRO's temperature (pro modes)"})
+    mode: str = field(default=LossOptions.mode, metadata={"help": f"AFT loss mode: {', '.join(MODES)}"})
+    beta: float = field(default=LossOptions.beta, metadata={"help": "boundary margin of bcl and +bc modes"})
+    w_vft: float = field(default=LossOptions.w_vft, metadata={"help": "weight of L_vft (reference chains)"})
+    w_align: float = field(
+        default=LossOptions.w_align, metadata={"help": "weight of L_align (candidate pairs)"}
+    )
+    dpo_beta: float = field(
+        default=LossOptions.dpo_beta, metadata={"help": "DPO's inverse temperature (dpo modes)"}
+    )
+    pro_tau: float = field(default=LossOptions.pro_tau, metadata={"help": "PRO's temperature (pro modes)"})
     layout: str = field(default="shared", metadata={"help": f"batch layout: {', '.join(LAYOUTS)}"})
     max_length: int = field(default=1024, metadata={"help": "max tokens of one [prompt | member]"})
     max_tokens: int | None = field(default=None, metadata={"help": "max tokens of a packed/shared row"})
@@ -79,8 +83,11 @@ class AFTConfig(TrainingArguments):
     remove_unused_columns: bool = False
 
     def __post_init__(self):
+        try:  # the loss options, checked where they are declared
+            LossOptions.from_config(self)
+        except ValueError as exc:
+            raise ValueError(f"AFTConfig.{exc}") from None
         for name, value, allowed in (
-            ("mode", self.mode, MODES),
             ("layout", self.layout, LAYOUTS),
             ("backend", self.backend, BACKENDS),
         ):
@@ -93,7 +100,7 @@ class AFTConfig(TrainingArguments):
     @property
     def needs_ref_logp(self) -> bool:
         """The mode compares with a frozen reference model (dpo, dpo+bc): candidates carry ref_logp."""
-        return self.loss.base == "dpo"
+        return train_mode(self.mode).needs_ref_logp
 
     @property
     def loss(self) -> LossOptions:

@@ -11,8 +11,9 @@ import sys
 
 import torch
 
-from aft_fast.constants import BACKENDS, MODES, train_mode
+from aft_fast.constants import BACKENDS, train_mode
 from aft_fast.ops.logit_options import LogitOptions
+from aft_fast.options import LossOptions
 
 
 def _fail(name: str, problem: str) -> None:
@@ -116,11 +117,8 @@ def check_keep_probs(keep_probs) -> int:
     return keep_probs
 
 
-def check_groups(hidden, group, label, is_reference, ref_logp, *, mode, beta, w_vft, w_align,
-                 dpo_beta, pro_tau) -> None:
-    """Segment metadata [S] and the loss options."""
-    if mode not in MODES:
-        _fail("mode", f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+def check_groups(hidden, group, label, is_reference, ref_logp, options: LossOptions) -> None:
+    """Segment metadata [S], and ref_logp against the mode (the options checked themselves when built)."""
     group = _index("group", group, None, hidden.device, None, "")
     num_segments = group.numel()
     if num_segments == 0:
@@ -132,14 +130,9 @@ def check_groups(hidden, group, label, is_reference, ref_logp, *, mode, beta, w_
               f"{is_reference.dtype}")
     if is_reference.device != hidden.device:
         _fail("is_reference", f"on {is_reference.device}, but hidden is on {hidden.device}")
-    for name, value in (("beta", beta), ("w_vft", w_vft), ("w_align", w_align), ("dpo_beta", dpo_beta)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            _fail(name, f"expected a finite number, got {value!r}")
-    if not isinstance(pro_tau, (int, float)) or not pro_tau > 0 or not math.isfinite(pro_tau):
-        _fail("pro_tau", f"expected a positive number, got {pro_tau!r}")
-    if train_mode(mode).needs_ref_logp:
-        if ref_logp is None:
-            _fail("ref_logp", f"mode {mode!r} needs the reference model's summed log-prob of each segment")
+    if train_mode(options.mode).needs_ref_logp and ref_logp is None:
+        _fail("ref_logp", f"mode {options.mode!r} needs the reference model's summed log-prob of each "
+              "segment")
     if ref_logp is not None:
         _tensor("ref_logp", ref_logp, 1)
         if ref_logp.numel() != num_segments or not ref_logp.is_floating_point():

@@ -11,9 +11,9 @@ import torch
 from aft_fast.losses import checks
 from aft_fast.losses.aft_function import AFTInputs, AFTLossFunction
 from aft_fast.losses.linear_logprob import LinearLogProbFunction, LogProbInputs
-from aft_fast.losses.objectives import LossConfig
 from aft_fast.ops.chunk_loop import default_chunk_size
 from aft_fast.ops.dispatch import resolve_backend
+from aft_fast.options import LossOptions
 from aft_fast.outputs import AFTOutput
 
 
@@ -27,13 +27,13 @@ def aft_loss(
     group: torch.Tensor,
     label: torch.Tensor,
     is_reference: torch.Tensor,
-    mode: str = "bcl",
-    beta: float = 1.0,
-    w_vft: float = 1.0,
-    w_align: float = 1.0,
+    mode: str = LossOptions.mode,
+    beta: float = LossOptions.beta,
+    w_vft: float = LossOptions.w_vft,
+    w_align: float = LossOptions.w_align,
     ref_logp: torch.Tensor | None = None,
-    dpo_beta: float = 0.1,
-    pro_tau: float = 1.0,
+    dpo_beta: float = LossOptions.dpo_beta,
+    pro_tau: float = LossOptions.pro_tau,
     bias: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
@@ -54,11 +54,9 @@ def aft_loss(
             reference chains feed L_vft only.
         mode: vft | align | dcl | bcl | dpo | rrhf | pro | dpo+bc | rrhf+bc | pro+bc (docs/design.md 2).
             Default "bcl": the paper's boundary-constrained loss, its best performer.
-        beta: boundary margin of bcl and +bc (B = min top-rank score - beta). Default 1.0: scores
-            are per-token log-probs, so negatives may sit one nat per token below the positives.
-        w_vft, w_align: weights of the two parts (the paper adds them: 1.0 and 1.0).
+        beta (>= 0), w_vft, w_align (>= 0), dpo_beta, pro_tau (> 0): the loss options, declared with their
+            defaults and the reason for each in `aft_fast.options.LossOptions`.
         ref_logp: [S] summed log-prob of each segment under the frozen reference model (dpo modes).
-        dpo_beta: DPO's inverse temperature (0.1, DPO's own default). pro_tau: PRO's temperature (1.0).
         backend: auto | triton | cpp | torch. auto: triton on CUDA, cpp on CPU when built, else torch.
         chunk_size: scored tokens per chunk. Default on CPU: a 64 MiB [chunk, V] fp32 buffer, grown (up
             to 256 MiB) to the largest group, so that chunks hold whole groups and the gradient is
@@ -76,15 +74,15 @@ def aft_loss(
     """
     checks.check_projection(hidden, weight, bias)
     checks.check_options(chunk_size=chunk_size, backend=backend)
-    checks.check_groups(hidden, group, label, is_reference, ref_logp, mode=mode, beta=beta, w_vft=w_vft,
-                        w_align=w_align, dpo_beta=dpo_beta, pro_tau=pro_tau)
+    options = LossOptions(mode=mode, beta=beta, w_vft=w_vft, w_align=w_align, dpo_beta=dpo_beta,
+                          pro_tau=pro_tau)
+    checks.check_groups(hidden, group, label, is_reference, ref_logp, options)
     counts = checks.check_tokens(hidden, weight, rows, targets, segments, group.numel())
     post = checks.check_logit_options(logit_scale, softcap, temperature)
     inputs = AFTInputs(
         rows=rows, targets=targets, segments=segments, group=group, label=label,
         is_reference=is_reference, counts=counts, ref_logp=ref_logp,
-        cfg=LossConfig(mode=mode, beta=float(beta), w_vft=float(w_vft), w_align=float(w_align),
-                       dpo_beta=float(dpo_beta), pro_tau=float(pro_tau)),
+        cfg=options,
         backend=resolve_backend(backend, hidden.device),
         chunk_size=chunk_size,
         post=post,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from aft_fast.losses.functional import aft_loss
+from aft_fast.options import LossOptions
 
 
 class AFTLoss(nn.Module):
@@ -15,13 +16,14 @@ class AFTLoss(nn.Module):
     ...               label=..., is_reference=...)
     """
 
-    def __init__(self, mode: str = "bcl", beta: float = 1.0, w_vft: float = 1.0, w_align: float = 1.0,
-                 dpo_beta: float = 0.1, pro_tau: float = 1.0, backend: str = "auto",
-                 chunk_size: int | None = None, logit_scale: float = 1.0, softcap: float | None = None,
-                 temperature: float = 1.0):
+    def __init__(self, mode: str = LossOptions.mode, beta: float = LossOptions.beta,
+                 w_vft: float = LossOptions.w_vft, w_align: float = LossOptions.w_align,
+                 dpo_beta: float = LossOptions.dpo_beta, pro_tau: float = LossOptions.pro_tau,
+                 backend: str = "auto", chunk_size: int | None = None, logit_scale: float = 1.0,
+                 softcap: float | None = None, temperature: float = 1.0):
         super().__init__()
-        self.options = dict(mode=mode, beta=beta, w_vft=w_vft, w_align=w_align, dpo_beta=dpo_beta,
-                            pro_tau=pro_tau, backend=backend, chunk_size=chunk_size, logit_scale=logit_scale,
+        loss = LossOptions(mode, beta, w_vft, w_align, dpo_beta, pro_tau)  # a bad option fails here, named
+        self.options = dict(**loss.kwargs(), backend=backend, chunk_size=chunk_size, logit_scale=logit_scale,
                             softcap=softcap, temperature=temperature)
 
     def forward(self, hidden, weight, *, rows, targets, segments, group, label, is_reference,

@@ -97,11 +97,13 @@ class AFTModel(nn.Module):
         refused here. The loss is called as a function, not held as a child module: DeepSpeed would hook a
         child's forward and warn that it cannot see the tensors inside its AFTOutput."""
         super().__init__()
-        if options is not None:  # the loss options as one LossOptions; the call options as keywords
-            twice = sorted(set(options.names()) & set(loss_options))
-            if twice:
-                raise ValueError(f"{twice[0]}: given both in options and as a keyword")
-            loss_options = {**options.kwargs(), **loss_options}
+        if options is None:  # the loss options spelled as keywords: one LossOptions of them (checked)
+            spelled = {k: loss_options.pop(k) for k in LossOptions.names() if k in loss_options}
+            options = LossOptions(**spelled)
+        twice = sorted(set(options.names()) & set(loss_options))
+        if twice:
+            raise ValueError(f"{twice[0]}: given both in options and as a keyword")
+        loss_options = {**options.kwargs(), **loss_options}
         for name in ("logit_scale", "softcap"):
             if name in loss_options:
                 raise ValueError(f"{name}: AFTModel reads the logit post-processing from the model's config")

@@ -22,6 +22,7 @@ import yaml
 from aft_fast.constants import BACKENDS, TRAIN_MODES
 from aft_fast.data.collate import LAYOUTS
 from aft_fast.data.prompts import PROMPT_FORMATS
+from aft_fast.options import LossOptions
 
 STAGES = ("vft", "sample", "aft", "eval", "all")
 
@@ -134,12 +135,14 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "gradient norm clipping (fills the DeepSpeed config's 'auto')")
     # --- AFT loss (docs/design.md section 2) -----------------------------------------------------------
     mode: str = _opt(
-        "bcl",
+        LossOptions.mode,
         "what the aft stage trains: " + " | ".join(TRAIN_MODES) + " (vft: continued VFT on the reference "
         "chains, the control; rft: maximum likelihood on the positive candidates plus the references; the "
         "rest: the AFT loss family and its baselines)",
     )
-    beta: float = _opt(1.0, "boundary margin of bcl and +bc modes: B = min_p s_p - beta (per-token log-prob)")
+    beta: float = _opt(
+        LossOptions.beta, "boundary margin of bcl and +bc modes: B = min_p s_p - beta (per-token log-prob)"
+    )
     beta_from_spread: float = _opt(
         0.0,
         "> 0: set beta to this multiple of the VFT model's own score spread, the standard deviation of the "
@@ -147,10 +150,10 @@ class TrainConfig:
         "candidates), measured before the aft stage trains; the value used is printed and logged as "
         "train/beta. 0: use --beta as given",
     )
-    w_vft: float = _opt(1.0, "weight of the reference chains' likelihood in AFT")
-    w_align: float = _opt(1.0, "weight of the alignment loss")
-    dpo_beta: float = _opt(0.1, "DPO inverse temperature")
-    pro_tau: float = _opt(1.0, "PRO temperature")
+    w_vft: float = _opt(LossOptions.w_vft, "weight of the reference chains' likelihood in AFT")
+    w_align: float = _opt(LossOptions.w_align, "weight of the alignment loss")
+    dpo_beta: float = _opt(LossOptions.dpo_beta, "DPO inverse temperature")
+    pro_tau: float = _opt(LossOptions.pro_tau, "PRO temperature")
     loss_backend: str = _opt("auto", "fused loss backend: " + " | ".join(BACKENDS))
     layout: str = _opt(
         "shared",
@@ -220,6 +223,10 @@ def check(cfg: TrainConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise InputError("resume and overwrite: give one of them (continue the run, or replace it)")
     _choice("mode", cfg.mode, TRAIN_MODES)
+    try:  # the loss options, checked where they are declared
+        LossOptions.from_config(cfg, mode=TRAIN_MODES[cfg.mode].loss)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     if cfg.beta_from_spread < 0:
         raise InputError(f"beta_from_spread: must be >= 0 (0: off), got {cfg.beta_from_spread}")
     _choice("loss_backend", cfg.loss_backend, BACKENDS)
