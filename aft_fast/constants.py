@@ -7,7 +7,6 @@ from dataclasses import dataclass
 IGNORE_INDEX = -100
 
 # Modes of the fused loss (docs/design.md, loss math). "vft" is maximum likelihood on reference chains alone.
-BASE_MODES = ("align", "dcl", "bcl", "dpo", "rrhf", "pro")
 MODES = ("vft", "align", "dcl", "bcl", "dpo", "rrhf", "pro", "dpo+bc", "rrhf+bc", "pro+bc")
 BACKENDS = ("auto", "triton", "cpp", "torch")
 

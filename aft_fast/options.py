@@ -73,7 +73,3 @@ class LossOptions:
     def kwargs(self) -> dict[str, Any]:
         """The options as the keywords of `aft_fast.aft_loss`."""
         return asdict(self)
-
-    def as_floats(self) -> LossOptions:
-        """The numeric options as floats (ints are accepted at the API; the kernels take floats)."""
-        return LossOptions(self.mode, *(float(getattr(self, name)) for name in self.names()[1:]))

@@ -82,7 +82,8 @@ def build_call(provider: str, batch: dict, mode: str):
     the loss (None for floor)."""
     import torch
 
-    from aft_fast.losses.objectives import LossConfig, build_plan, objective
+    from aft_fast.losses.objectives import build_plan, objective
+    from aft_fast.options import LossOptions
     from aft_fast.reference import linear_logprob_ref
 
     grad = mode == "fwd_bwd"
@@ -92,7 +93,7 @@ def build_call(provider: str, batch: dict, mode: str):
     S = batch["group"].numel()
     counts = torch.bincount(segments, minlength=S).float()
     plan = build_plan(batch["group"], batch["label"], batch["is_reference"], counts)
-    cfg = LossConfig(mode="bcl")
+    cfg = LossOptions(mode="bcl")
 
     def loss_of_logp(logp):
         sums = torch.zeros(S, dtype=torch.float32, device=logp.device).index_add(0, segments, logp.float())

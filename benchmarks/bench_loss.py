@@ -98,7 +98,8 @@ def build_call(op: str, provider: str, batch: dict):
     import torch
 
     import aft_fast
-    from aft_fast.losses.objectives import LossConfig, build_plan, objective
+    from aft_fast.losses.objectives import build_plan, objective
+    from aft_fast.options import LossOptions
     from aft_fast.reference import aft_loss_ref, linear_logprob_ref
 
     hidden = batch["hidden"].requires_grad_()
@@ -117,7 +118,7 @@ def build_call(op: str, provider: str, batch: dict):
     def finish(sums):
         """The op's scalar: the bcl loss of the sums, or a fixed random weighting of them."""
         if op == "aft_loss":
-            return objective(sums.float(), counts, plan, LossConfig(mode="bcl"))[0]
+            return objective(sums.float(), counts, plan, LossOptions(mode="bcl"))[0]
         return (sums.float() * upstream).sum()
 
     if provider in ("floor", "floor-onednn"):

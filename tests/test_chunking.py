@@ -7,8 +7,9 @@ import types
 import torch
 
 from aft_fast.losses.group_objective import TorchObjective
-from aft_fast.losses.objectives import LossConfig, build_plan
+from aft_fast.losses.objectives import build_plan
 from aft_fast.ops import chunk_loop, torch_chunks
+from aft_fast.options import LossOptions
 from tests.conftest import make_problem
 
 
@@ -31,7 +32,7 @@ def _run(p, chunk_size):
     counts = torch.bincount(p.segments, minlength=p.group.numel()).float()
     plan = build_plan(p.group, p.label, p.is_reference, counts)
     result = chunk_loop.aft_forward(prims, p.hidden, p.weight, None, p.rows, p.targets, p.segments, counts,
-                                    plan, LossConfig(), None, (True, True, False), chunk_size,
+                                    plan, LossOptions(), None, (True, True, False), chunk_size,
                                     objective=TorchObjective)
     return result, calls
 

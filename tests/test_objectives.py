@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from aft_fast.constants import MODES
-from aft_fast.losses.objectives import LossConfig, build_plan, objective
+from aft_fast.losses.objectives import build_plan, objective
+from aft_fast.options import LossOptions
 from aft_fast.reference import aft_loss_ref, group_loss_ref
 from tests.conftest import make_problem
 
@@ -24,7 +25,7 @@ def _segment_inputs(seed: int, ranked: bool):
 @pytest.mark.parametrize("mode", MODES)
 def test_vectorized_matches_loops(mode, ranked):
     p, sums, counts = _segment_inputs(11 + ranked, ranked)
-    cfg = LossConfig(mode=mode, beta=0.3, w_vft=0.7, w_align=1.3, dpo_beta=0.2, pro_tau=0.8)
+    cfg = LossOptions(mode=mode, beta=0.3, w_vft=0.7, w_align=1.3, dpo_beta=0.2, pro_tau=0.8)
     plan = build_plan(p.group, p.label, p.is_reference, counts)
     ref_logp = p.ref_logp.double()
 
@@ -45,7 +46,7 @@ def test_vectorized_matches_loops(mode, ranked):
 
 def test_slices_add_up_to_the_whole():
     p, sums, counts = _segment_inputs(13, True)
-    cfg = LossConfig(mode="pro+bc")
+    cfg = LossOptions(mode="pro+bc")
     plan = build_plan(p.group, p.label, p.is_reference, counts)
     whole = objective(sums, counts, plan, cfg)[0]
     parts = [objective(sums, counts, plan.slice_groups(g, g + 1), cfg)[0] for g in range(plan.num_groups)]
@@ -73,7 +74,7 @@ def test_bcl_gradient_on_negative_vanishes_at_the_boundary():
     s_p = -1.0
     for s_n, sign in ((s_p - beta, 0), (s_p - beta + 0.2, 1), (s_p - beta - 0.2, -1)):
         sums = torch.tensor([s_p, s_n], dtype=torch.float64, requires_grad=True)
-        objective(sums, counts, plan, LossConfig(mode="bcl", beta=beta, w_vft=0.0))[0].backward()
+        objective(sums, counts, plan, LossOptions(mode="bcl", beta=beta, w_vft=0.0))[0].backward()
         grad_n = float(sums.grad[1])
         if sign == 0:
             assert abs(grad_n) < 1e-12
@@ -102,7 +103,7 @@ def test_gradcheck_reference_fp64(mode):
 def test_gradcheck_objective_fp64(mode):
     p, sums, counts = _segment_inputs(15, True)
     plan = build_plan(p.group, p.label, p.is_reference, counts)
-    cfg = LossConfig(mode=mode, beta=0.4)
+    cfg = LossOptions(mode=mode, beta=0.4)
     ref_logp = p.ref_logp.double()
     assert torch.autograd.gradcheck(lambda s: objective(s, counts, plan, cfg, ref_logp)[0],
                                     (sums.requires_grad_(),))

@@ -14,7 +14,8 @@ import torch
 
 from aft_fast.constants import MODES, TRAIN_MODES, train_mode
 from aft_fast.data.candidates import Candidate, CandidateGroup
-from aft_fast.losses.objectives import LossConfig, build_plan, objective
+from aft_fast.losses.objectives import build_plan, objective
+from aft_fast.options import LossOptions
 from aft_fast.train.aft import encode_items, positives
 from aft_fast.train.config import InputError, load_config
 from aft_fast.train.diagnostics import group_boundary, pair_stats, score_spread
@@ -149,7 +150,7 @@ def test_boundary_is_where_the_bcl_loss_lets_a_negative_rest():
         s = scores.clone()
         s[4] = b + shift
         sums = (s * counts).requires_grad_()
-        objective(sums, counts, plan, LossConfig(mode="bcl", beta=beta, w_vft=0.0))[0].backward()
+        objective(sums, counts, plan, LossOptions(mode="bcl", beta=beta, w_vft=0.0))[0].backward()
         g = float(sums.grad[4])
         if sign == 0:
             assert abs(g) < 1e-12

@@ -24,8 +24,9 @@ import torch
 
 import aft_fast
 from aft_fast.constants import MODES
-from aft_fast.losses.objectives import LossConfig, build_plan
+from aft_fast.losses.objectives import build_plan
 from aft_fast.ops.dispatch import resolve_backend, triton_backend_available, triton_runs_on
+from aft_fast.options import LossOptions
 from aft_fast.reference import aft_loss_ref, group_loss_ref, linear_logprob_ref
 from tests.conftest import ATOL, make_problem
 
@@ -169,7 +170,7 @@ def test_group_loss_kernel(mode, ranked):
     from aft_fast.ops.triton_backend import objective_with_grad
 
     p, sums, counts = _segment_problem(21 + ranked, ranked)
-    cfg = LossConfig(mode=mode, beta=0.3, w_vft=0.7, w_align=1.3, dpo_beta=0.2, pro_tau=0.8)
+    cfg = LossOptions(mode=mode, beta=0.3, w_vft=0.7, w_align=1.3, dpo_beta=0.2, pro_tau=0.8)
     plan = build_plan(*(t.to(DEVICE) for t in (p.group, p.label, p.is_reference)), counts.to(DEVICE))
     loss, vft, align, dsum = objective_with_grad(sums.to(DEVICE), counts.to(DEVICE), plan, cfg,
                                                  p.ref_logp.to(DEVICE))
@@ -197,7 +198,7 @@ def test_group_loss_kernel_pair_blocks(mode):
     members = [[2, 3, 1, 4, 2, 2, 3, 1, 2, 5, 1, 2], [3, 1, 2], [1, 1]]  # 12 ranked candidates: many pairs
     p, sums, counts = _segment_problem(31, True, members=members)
     plan = build_plan(*(t.to(DEVICE) for t in (p.group, p.label, p.is_reference)), counts.to(DEVICE))
-    cfg = LossConfig(mode=mode, beta=0.4, dpo_beta=0.3, pro_tau=1.7)
+    cfg = LossOptions(mode=mode, beta=0.4, dpo_beta=0.3, pro_tau=1.7)
     leaf = sums.double().requires_grad_()
     ref = group_loss_ref(leaf, counts.double(), p.group, p.label, p.is_reference, mode=mode, beta=0.4,
                          ref_logp=p.ref_logp.double(), dpo_beta=0.3, pro_tau=1.7)
@@ -493,7 +494,7 @@ def test_chunk_plan_whole_groups_live_rows_first(mode):
     S = p.group.numel()
     counts = torch.bincount(p.segments, minlength=S).float()
     plan = build_plan(p.group, p.label, p.is_reference, counts)
-    live_seg = live_segments(plan, LossConfig(mode=mode), S)
+    live_seg = live_segments(plan, LossOptions(mode=mode), S)
     assert set(torch.nonzero(live_seg).flatten().tolist()) == _expected_live(p, mode)
 
     order, units, chunk = plan_chunks(plan, p.segments, 12, None, live_seg)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from aft_fast.losses.group_objective import TorchObjective, live_segments
-from aft_fast.losses.objectives import LossConfig, build_plan
+from aft_fast.losses.objectives import build_plan
 from aft_fast.ops.dispatch import get_backend
 from aft_fast.ops.logit_options import IDENTITY, LogitOptions
+from aft_fast.options import LossOptions
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class AFTInputs:
     is_reference: torch.Tensor
     counts: torch.Tensor
     ref_logp: torch.Tensor | None
-    cfg: LossConfig
+    cfg: LossOptions
     backend: str
     chunk_size: int | None
     post: LogitOptions = IDENTITY  # the logit post-processing (logit_scale, softcap, temperature)

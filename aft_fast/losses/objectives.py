@@ -18,9 +18,6 @@ import torch.nn.functional as F
 
 from aft_fast.options import LossOptions
 
-# The objectives' name for the loss options: the one dataclass of aft_fast/options.py.
-LossConfig = LossOptions
-
 
 @dataclass(frozen=True)
 class GroupPlan:
@@ -121,7 +118,7 @@ def objective(
     sums: torch.Tensor,
     counts: torch.Tensor,
     plan: GroupPlan,
-    cfg: LossConfig,
+    cfg: LossOptions,
     ref_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, L_vft part, L_align part) of the groups in `plan`, from sums [S] and counts [S].
@@ -137,7 +134,7 @@ def objective(
 
 
 def _group_losses(
-    sums: torch.Tensor, counts: torch.Tensor, plan: GroupPlan, cfg: LossConfig, ref_logp: torch.Tensor | None
+    sums: torch.Tensor, counts: torch.Tensor, plan: GroupPlan, cfg: LossOptions, ref_logp: torch.Tensor | None
 ) -> torch.Tensor:
     """[G] loss of each group (0 for groups outside the plan's pairs)."""
     scores = sums / counts
