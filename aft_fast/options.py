@@ -5,6 +5,9 @@
 from here (tests/test_options.py holds every signature that spells them to these). Building one checks it:
 a value the loss cannot mean is a ValueError that names the argument. Inside, the loss layer, its backends,
 the objectives and `AFTModel` pass one `LossOptions` around.
+
+`candidate_pairs` is the pair rule the options act on (label_i > label_j), written once for the loss, the
+training diagnostics and the evaluation metrics.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+import torch
 
 from aft_fast.constants import MODES
 
@@ -73,3 +78,27 @@ class LossOptions:
     def kwargs(self) -> dict[str, Any]:
         """The options as the keywords of `aft_fast.aft_loss`."""
         return asdict(self)
+
+
+def candidate_pairs(
+    group: torch.Tensor, label: torch.Tensor, is_reference: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair rule of docs/design.md section 2, the one place it is written: (pair_i, pair_j) [P] int64,
+    every two candidates i, j of one group with label[i] > label[j] (i plays the positive; references never
+    pair). Binary labels give P x N, ranks {(i, j): r_i > r_j}. Ordered by group id, then by segment.
+
+    group [S] (any ids), label [S] (1/0 or ranks; any ordered dtype), is_reference [S] bool."""
+    seg_group = torch.unique(group, return_inverse=True)[1]
+    order = torch.argsort(seg_group, stable=True)  # segments by group
+    sizes = torch.bincount(seg_group)
+    starts = torch.cumsum(sizes, 0) - sizes
+    # All ordered (a, b) positions of `order` inside each group, enumerated in group order.
+    pos_group = seg_group[order]
+    reps = sizes[pos_group]
+    a = torch.repeat_interleave(torch.arange(order.numel(), device=group.device), reps)
+    first = torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)  # where each row's run starts
+    b = starts[pos_group[a]] + torch.arange(a.numel(), device=group.device) - first
+    i, j = order[a], order[b]
+    candidate = ~is_reference
+    keep = candidate[i] & candidate[j] & (label[i] > label[j])
+    return i[keep], j[keep]

@@ -171,6 +171,25 @@ def test_score_groups_matches_a_plain_forward(assets):
         assert s.ref_tokens == n and s.ref_nll == pytest.approx(-total, rel=1e-4)
 
 
+def test_reference_logps_are_the_scored_sums(assets):
+    """The sample stage's DPO reference (each candidate's summed log-prob) is score_groups' scoring: the
+    plain forward's sum, and score times token count."""
+    from aft_fast.eval.evaluate import score_groups
+    from aft_fast.models.loading import load_replica, load_tokenizer
+    from aft_fast.train.sample import reference_logps
+
+    tok = load_tokenizer(assets["tokenizer"])
+    model = load_replica(assets["model"], torch.device("cpu"), torch.float32)
+    groups = read_candidates(assets["candidates"])[:3]
+    with_ref = reference_logps(model, tok, groups, max_length=256, batch_size=2, progress=False)
+    scored = score_groups(model, tok, groups, batch_size=2, with_reference=False, progress=False)
+    for g, r, s in zip(groups, with_ref, scored, strict=True):
+        assert [c.text for c in r.candidates] == [c.text for c in g.candidates]
+        for c, score in zip(r.candidates, s.scores, strict=True):
+            total, n = _plain_logprob(model, tok, g.question, c.text)
+            assert c.ref_logp == pytest.approx(total, abs=1e-3) and c.ref_logp == pytest.approx(score * n)
+
+
 def test_evaluate_records_agree_with_the_summary(assets):
     from aft_fast.eval.evaluate import evaluate
     from aft_fast.models.loading import load_replica, load_tokenizer

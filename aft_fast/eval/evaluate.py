@@ -45,11 +45,13 @@ from aft_fast.models.forward import segment_logprobs
 @dataclass
 class Scored:
     """One group scored by a model: per-candidate scores (length-normalized log-likelihood) and the
-    reference chain's summed NLL and token count (0 tokens: no reference scored)."""
+    reference chain's summed NLL and token count (0 tokens: no reference scored); `sums`, the candidates'
+    summed log-likelihood (what sampling stores as the DPO reference's ref_logp)."""
 
     scores: list[float]
     ref_nll: float = 0.0
     ref_tokens: int = 0
+    sums: list[float] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -84,6 +86,7 @@ def score_groups(
                 rec.ref_nll, rec.ref_tokens = -sums[s], counts[s]
             else:
                 rec.scores.append(sums[s] / counts[s])
+                rec.sums.append(sums[s])
         return out
 
     return map_sharded(groups, batch_size, score, desc=desc, progress=progress)

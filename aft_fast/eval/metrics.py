@@ -1,5 +1,6 @@
-"""Evaluation metrics as pure functions on plain Python values (no model, no torch): the eval loop and the
-reproduction script compute them, tests check them on hand-made cases.
+"""Evaluation metrics as pure functions on plain Python values (no model): the eval loop and the
+reproduction script compute them, tests check them on hand-made cases. Pairs are the loss's own
+(`aft_fast.options.candidate_pairs`, label_i > label_j), so assessment accuracy counts what L_align ranks.
 
 Conventions (the README's "Evaluation" section repeats them):
 
@@ -30,6 +31,10 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
+
+from aft_fast.options import candidate_pairs
+
 
 def majority_vote(answers: Sequence[str | None]) -> str | None:
     """The most frequent non-None answer; ties go to the one that occurs first. None if none is readable."""
@@ -58,13 +63,16 @@ def pair_wins(scores: Sequence[float], labels: Sequence[int | bool]) -> tuple[fl
     half a win on a tie. Labels are 1/0 (binary) or ranks (higher is better)."""
     if len(scores) != len(labels):
         raise ValueError(f"pair_wins: {len(scores)} scores for {len(labels)} labels")
-    wins, pairs = 0.0, 0
-    for i, (si, li) in enumerate(zip(scores, labels, strict=True)):
-        for j, (sj, lj) in enumerate(zip(scores, labels, strict=True)):
-            if i != j and li > lj:
-                pairs += 1
-                wins += 1.0 if si > sj else 0.5 if si == sj else 0.0
-    return wins, pairs
+    n = len(labels)
+    pair_i, pair_j = candidate_pairs(
+        torch.zeros(n, dtype=torch.int64),  # one group
+        torch.tensor([float(lab) for lab in labels], dtype=torch.float64),
+        torch.zeros(n, dtype=torch.bool),  # all candidates
+    )
+    wins = 0.0
+    for i, j in zip(pair_i.tolist(), pair_j.tolist(), strict=True):
+        wins += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
+    return wins, len(pair_i)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from aft_fast.data.batch import LAYOUTS, Batch, Encoded
 from aft_fast.data.candidates import Candidate, CandidateGroup, read_candidates
 from aft_fast.data.collate import collate, encode_group
 from aft_fast.models import attention
-from aft_fast.models.forward import AFTModel
+from aft_fast.models.forward import AFTModel, register_head_for_zero3
 from aft_fast.options import LossOptions
 
 __all__ = [
@@ -106,25 +106,6 @@ class AFTConfig(TrainingArguments):
     def loss(self) -> LossOptions:
         """The AFT loss options this config sets."""
         return LossOptions.from_config(self)
-
-
-def register_head_for_zero3(model: nn.Module) -> None:
-    """Under DeepSpeed ZeRO-3, make the LM head's weight (and bias) external parameters of `model`: a fused
-    loss reads them in `model`'s forward and backward, never through the head module's own forward (or
-    through the embedding's, when tied), so without this DeepSpeed would hand it a partition of 0 elements.
-    Registering works before and after partitioning (DeepSpeed keys it by the parameter object)."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to fuse")
-    if not (hasattr(head.weight, "ds_id") or is_deepspeed_zero3_enabled()):
-        return
-    import deepspeed
-
-    for param in (head.weight, getattr(head, "bias", None)):
-        if param is not None:
-            deepspeed.zero.register_external_parameter(model, param)
 
 
 def add_aft_loss(model: PreTrainedModel, options: LossOptions | None = None, **call_options: Any) -> None:

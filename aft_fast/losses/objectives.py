@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from aft_fast.options import LossOptions
+from aft_fast.options import LossOptions, candidate_pairs
 
 
 @dataclass(frozen=True)
@@ -67,21 +67,9 @@ def build_plan(
     uniq, seg_group = torch.unique(group, return_inverse=True)
     num_groups = uniq.numel()
     order = torch.argsort(seg_group, stable=True)
-    sizes = torch.bincount(seg_group, minlength=num_groups)
-    starts = torch.cumsum(sizes, 0) - sizes
-
-    # All ordered (a, b) position pairs inside each group, enumerated in group order.
-    pos_group = seg_group[order]
-    reps = sizes[pos_group]
-    a = torch.repeat_interleave(torch.arange(order.numel(), device=group.device), reps)
-    first = torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)  # where each row's run starts
-    offset = torch.arange(a.numel(), device=group.device) - first
-    b = starts[pos_group[a]] + offset
-    i, j = order[a], order[b]
-    candidate = ~is_reference
-    keep = candidate[i] & candidate[j] & (label[i] > label[j])
-    pair_i, pair_j = i[keep], j[keep]
+    pair_i, pair_j = candidate_pairs(group, label, is_reference)  # sorted by group
     pair_group = seg_group[pair_i]
+    candidate = ~is_reference
     valid = torch.bincount(pair_group, minlength=num_groups) > 0
 
     # The top rank of each group is the highest label among its candidates.

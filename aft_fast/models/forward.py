@@ -84,6 +84,24 @@ def segment_logprobs(lm: nn.Module, batch: Batch, *, temperature: float = 1.0,
     )
 
 
+def register_head_for_zero3(model: nn.Module, owner: nn.Module | None = None) -> None:
+    """Under DeepSpeed ZeRO-3, make `model`'s LM head weight (and bias) external parameters of `owner`
+    (default: `model`), the module whose forward runs the fused loss: the loss reads them in that forward
+    and its backward, never through the head module's own forward (or through the embedding's, when tied),
+    so without this DeepSpeed would hand it a partition of 0 elements. Registering works before and after
+    partitioning (DeepSpeed keys it by the parameter object); without ZeRO-3 it does nothing."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to fuse")
+    if not (hasattr(head.weight, "ds_id") or is_deepspeed_zero3_enabled()):
+        return
+    for param in (head.weight, getattr(head, "bias", None)):
+        if param is not None:
+            deepspeed.zero.register_external_parameter(owner if owner is not None else model, param)
+
+
 class AFTModel(nn.Module):
     """Causal LM + fused AFT loss. The loss runs inside this module's forward, so that under ZeRO-3
     DeepSpeed gathers the LM head weight for it (registered below as an external parameter: it belongs
@@ -111,11 +129,8 @@ class AFTModel(nn.Module):
         self.router_aux = router_aux_options(lm.config)
         self.lm = lm
         self.loss_options = loss_options
-        head = lm_head(lm)
-        if hasattr(head.weight, "ds_id"):  # a ZeRO-3 parameter
-            deepspeed.zero.register_external_parameter(self, head.weight)
-            if getattr(head, "bias", None) is not None:
-                deepspeed.zero.register_external_parameter(self, head.bias)
+        lm_head(lm)  # an nn.Linear head, or refused
+        register_head_for_zero3(lm, owner=self)
 
     @property
     def note(self) -> str:

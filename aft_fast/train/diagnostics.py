@@ -2,7 +2,8 @@
 sit against the boundary B, and how large the alignment gradient is against the VFT gradient.
 
 Pairs, top rank and B follow the loss's definition (docs/design.md, loss math): in one group, candidates
-i and j form a pair when label[i] > label[j] (references never pair); the group's top rank is its highest
+i and j form a pair when label[i] > label[j] (references never pair: the loss's own pair builder,
+`aft_fast.options.candidate_pairs`, makes them); the group's top rank is its highest
 candidate label; B = min over the top-rank candidates of s - beta, in groups that have a pair. The
 negatives are the candidates that sit below another one (for binary labels, the label-0 candidates of
 groups that also have a positive). bcl's two terms on a negative cancel exactly at s_n = B, so a negative
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import aft_fast
+from aft_fast.options import candidate_pairs
 
 
 @dataclass
@@ -24,9 +26,11 @@ class PairStats:
 
     pairs, margin_sum:     valid pairs and the sum of s_i - s_j over them (i labelled above j).
     right:                 pairs with s_i > s_j (in-batch assessment).
-    negatives:             candidates below another one of their group.
+    negatives, neg_sum:    candidates below another one of their group, and the sum of their scores.
     neg_gap_sum, below:    sum over negatives of s_n - B, and how many have s_n < B (boundary modes only,
                            else 0: no B exists).
+    tops, top_sum:         candidates above another one of their group and below none (a group's top
+                           rank, in groups with a pair), and the sum of their scores.
     """
 
     pairs: int = 0
@@ -35,6 +39,9 @@ class PairStats:
     negatives: int = 0
     neg_gap_sum: float = 0.0
     below: int = 0
+    neg_sum: float = 0.0
+    tops: int = 0
+    top_sum: float = 0.0
 
 
 def group_boundary(
@@ -61,20 +68,18 @@ def pair_stats(
     """The sums of `PairStats` for segments with these scores [S] and labels; beta None: no boundary."""
     scores = scores.detach().double().cpu()
     group, label, is_reference = group.cpu(), label.cpu(), is_reference.cpu()
-    cand = ~is_reference
-    pair = (
-        (group[:, None] == group[None, :])
-        & cand[:, None]
-        & cand[None, :]
-        & (label[:, None] > label[None, :])
-    )
-    margin = scores[:, None] - scores[None, :]
-    neg = pair.any(dim=0)
+    pair_i, pair_j = candidate_pairs(group, label, is_reference)
+    margin = scores[pair_i] - scores[pair_j]
+    neg = torch.zeros_like(is_reference).index_fill_(0, pair_j, True)
+    top = torch.zeros_like(is_reference).index_fill_(0, pair_i, True) & ~neg
     out = PairStats(
-        pairs=int(pair.sum()),
-        margin_sum=float(margin[pair].sum()),
-        right=int((pair & (margin > 0)).sum()),
+        pairs=pair_i.numel(),
+        margin_sum=float(margin.sum()),
+        right=int((margin > 0).sum()),
         negatives=int(neg.sum()),
+        neg_sum=float(scores[neg].sum()),
+        tops=int(top.sum()),
+        top_sum=float(scores[top].sum()),
     )
     if beta is not None and out.negatives:
         gap = (scores - group_boundary(scores, group, label, is_reference, beta))[neg]

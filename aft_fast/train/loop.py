@@ -143,29 +143,17 @@ class _Meter:
             self.sums[self.NAMES.index(name)] += value
 
     def add(self, batch: Batch, out: dict[str, torch.Tensor]) -> None:
-        scores = out["scores"].detach().float().cpu()
-        group, label, is_ref = batch.group.cpu(), batch.label.cpu(), batch.is_reference.cpu()
-        cand = ~is_ref
-        # pair[i, j]: i and j are candidates of one group and i is labelled above j.
-        pair = (
-            (group[:, None] == group[None, :])
-            & cand[:, None]
-            & cand[None, :]
-            & (label[:, None] > label[None, :])
-        )
-        below = pair.any(dim=0)
-        pos, neg = pair.any(dim=1) & ~below, below  # a group's top candidates; those under another
-        st = pair_stats(scores, group, label, is_ref, self.beta)
+        st = pair_stats(out["scores"], batch.group, batch.label, batch.is_reference, self.beta)
         vals = [
             out["loss"].item(),
             out["vft_loss"].item(),
             out["align_loss"].item(),
             1.0,
             batch.num_tokens,
-            scores[pos].sum().item(),
-            pos.sum().item(),
-            scores[neg].sum().item(),
-            neg.sum().item(),
+            st.top_sum,  # a group's top candidates ("pos"); those under another ("neg")
+            st.tops,
+            st.neg_sum,
+            st.negatives,
             st.right,
             st.pairs,
             st.margin_sum,

@@ -28,11 +28,10 @@ from aft_fast.data.candidates import (
     write_candidates,
 )
 from aft_fast.data.chains import is_checkable
-from aft_fast.data.collate import collate, encode_group
 from aft_fast.data.formats import Example
+from aft_fast.eval.evaluate import score_groups
 from aft_fast.eval.generation import map_sharded
 from aft_fast.eval.sampler import HFSampler, Sampler, SamplingParams, batch_seed
-from aft_fast.models.forward import segment_logprobs
 from aft_fast.models.loading import load_replica
 from aft_fast.train.config import TrainConfig
 from aft_fast.train.engine import Dist
@@ -115,7 +114,6 @@ def write_meta(candidates_path: str | Path, stats: SampleStats, *, label: str, t
     return path
 
 
-@torch.no_grad()
 def reference_logps(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -126,20 +124,17 @@ def reference_logps(
     progress: bool = True,
 ) -> list[CandidateGroup]:
     """Copies of `groups` whose candidates carry their summed log-prob under `model` (the DPO reference),
-    scored on exactly the tokens that AFT's collation scores."""
-    device = model.get_output_embeddings().weight.device
-
-    def score(_: int, batch: list[CandidateGroup]) -> list[list[float]]:
-        items = [encode_group(g, tokenizer, with_reference=False) for g in batch]
-        b = collate(items, pad_id=tokenizer.pad_token_id, max_length=max_length).to(device)
-        sums = segment_logprobs(model, b).tolist()
-        out, i = [], 0
-        for g in batch:
-            out.append(sums[i : i + len(g.candidates)])
-            i += len(g.candidates)
-        return out
-
-    logps = map_sharded(groups, batch_size, score, desc="ref_logp", progress=progress)
+    scored by `score_groups` on exactly the tokens that AFT's collation scores."""
+    scored = score_groups(
+        model,
+        tokenizer,
+        groups,
+        max_length=max_length,
+        batch_size=batch_size,
+        with_reference=False,
+        progress=progress,
+        desc="ref_logp",
+    )
     return [
         CandidateGroup(
             g.id,
@@ -147,9 +142,9 @@ def reference_logps(
             g.gold,
             g.kind,
             g.reference,
-            [replace(c, ref_logp=lp) for c, lp in zip(g.candidates, lps, strict=True)],
+            [replace(c, ref_logp=lp) for c, lp in zip(g.candidates, s.sums, strict=True)],
         )
-        for g, lps in zip(groups, logps, strict=True)
+        for g, s in zip(groups, scored, strict=True)
     ]
 
 
