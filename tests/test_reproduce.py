@@ -1,8 +1,9 @@
-"""`benchmarks/reproduce.py --quick` end to end: every stage of the reproduction at toy size (VFT, the
-candidate files, the beta sweep on the validation split, the arms under both label rules over two seeds in
-two worker processes, evaluation, report), then a second invocation that reuses every finished arm. The
-numbers mean nothing at this size; the test checks that the outputs exist and agree with each other and with
-the held-out candidate file, recomputing what it checks from the per-seed values."""
+"""`benchmarks/reproduce.py --quick` end to end: every stage of the study at toy size (VFT, the candidate
+files, the lr and beta choices on the validation split, the arms in their tiers under both label rules over
+two seeds in two worker processes, evaluation, report), a second invocation that reuses every finished arm,
+and the arms from the initial model (--aft_init base). The numbers mean nothing at this size; the tests check
+that the outputs exist and agree with each other and with the held-out candidate file, recomputing what they
+check from the per-seed and per-question values."""
 
 from __future__ import annotations
 
@@ -54,29 +55,43 @@ def _per_seed(raw: dict, label: str, arm: str, key: str = "accuracy") -> dict[in
     }
 
 
-def test_every_arm_rule_and_seed_has_a_result(quick):
+def test_every_tier_of_arms_seeds_and_rules_has_a_result(quick):
+    """The core arms at every seed under answer labels; the other arms and the verified-label arms at the
+    first `other_seeds` (quick: 1), the verified arms then at the rest."""
     raw = quick["json"]
     plan = raw["plan"]
-    arms, seeds, labels = plan["arms"], plan["seeds"], plan["labels"]
+    arms, seeds, few = plan["arms"], plan["seeds"], plan["seeds"][: plan["other_seeds"]]
     assert {"control", "rft", "bcl"} <= set(arms) and any(a.endswith("+bc") for a in arms)
-    assert labels == ["answer", "verified"] and len(seeds) >= 2
+    assert plan["labels"] == ["answer", "verified"] and len(seeds) >= 2 and len(few) < len(seeds)
     assert raw["seeds"] == seeds  # the seeds actually run
+    core = [a for a in arms if a in ("control", "rft", "dcl", "bcl")]
     want = sorted(
-        [("-", "control", s) for s in seeds]
-        + [(lab, a, s) for lab in labels for a in arms if a != "control" for s in seeds]
+        [("-" if a == "control" else "answer", a, s) for a in core for s in seeds]
+        + [("answer", a, s) for a in arms if a not in core for s in few]
+        + [("verified", a, s) for a in plan["verified_arms"] for s in seeds]
     )
     assert sorted((r["job"]["label"], r["job"]["arm"], r["job"]["seed"]) for r in raw["results"]) == want
     n_test = plan["base"]["synthetic_test"]
-    for r in raw["results"]:
+    for r in [*raw["results"], raw["start"]["test"]]:
         m = r["metrics"]
         assert r["summary"]["questions"] == n_test
-        for k in ("accuracy", "chain_accuracy", "rerank_accuracy", "self_consistency"):
+        for k in ("accuracy", "chain_accuracy", "fixed_rerank_accuracy", "fixed_assess_acc"):
             assert 0.0 <= m[k] <= 1.0, k
         assert m["chain_accuracy"] <= m["accuracy"]  # right reasoning is a subset of right answers
+        # The per-question record the paired tests use is the same evaluation as the accuracy.
+        for key in ("accuracy", "chain_accuracy"):
+            bits = r["per_question"][key]
+            assert len(bits) == n_test and set(bits) <= {"0", "1"}
+            assert bits.count("1") / n_test == pytest.approx(m[key])
+    for r in raw["results"]:
         assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
+        assert r["key"]["lr"] == raw["lr"]  # every test arm at the lr chosen on validation
     # rft trained on more than the references: its metrics.jsonl logged the aft stage with loss vft.
-    assert all(r["train_metrics"]["train/align_loss"] == 0.0 for r in raw["results"]
-               if r["job"]["arm"] in ("control", "rft"))
+    assert all(
+        r["train_metrics"]["train/align_loss"] == 0.0
+        for r in raw["results"]
+        if r["job"]["arm"] in ("control", "rft")
+    )
 
 
 def test_assessment_pairs_match_the_held_out_file(quick):
@@ -90,17 +105,43 @@ def test_assessment_pairs_match_the_held_out_file(quick):
             pairs += pos * (len(g.candidates) - pos)
         want[rule] = pairs
     raw = quick["json"]
-    for r in [raw["start"], *raw["results"]]:
-        assert r["pairs"] == want
+    for r in [raw["start"]["test"], *raw["results"]]:
+        assert r["summary"]["eval/fixed_assess_pairs"] == want["answer"]
+        assert r["summary"].get("eval/fixed_assess_pairs_verified", 0) == want["verified"]
 
 
-def test_beta_is_the_validation_argmax(quick):
+def test_settings_are_chosen_on_the_validation_split(quick):
+    """The lr: the largest candidate whose control does not end below the VFT model on validation (else
+    the one that falls least); beta: bcl's best validation accuracy at that lr, ties to the smaller."""
     raw = quick["json"]
+    plan, val = raw["plan"], raw["val"]
+    assert val and all(r["job"]["split"] == "val" for r in val)
+    assert all(r["summary"]["questions"] == plan["val_questions"] for r in val)
+
+    def mean(rs: list[dict]) -> float:
+        return sum(r["metrics"]["accuracy"] for r in rs) / len(rs)
+
+    floor = raw["start"]["val"]["metrics"]["accuracy"]
+    control = {
+        lr: mean([r for r in val if r["job"]["arm"] == "control" and r["job"]["lr"] == lr])
+        for lr in plan["lrs"]
+    }
+    ok = [lr for lr, v in control.items() if v >= floor]
+    assert raw["lr"] == (max(ok) if ok else max(control, key=lambda lr: (control[lr], -lr)))
     for label, beta in raw["betas"].items():
         sweep = {
-            r["job"]["beta"]: r["metrics"]["accuracy"] for r in raw["sweep"] if r["job"]["label"] == label
+            b: mean(
+                [
+                    r
+                    for r in val
+                    if r["job"]["arm"] == "bcl"
+                    and r["job"]["label"] == label
+                    and r["job"]["beta"] == b
+                    and r["job"]["lr"] == raw["lr"]
+                ]
+            )
+            for b in plan["betas"]
         }
-        assert set(sweep) == set(raw["plan"]["betas"])
         best = max(sweep.values())
         assert beta == min(b for b, v in sweep.items() if v == best)
         for r in raw["results"]:
@@ -113,8 +154,10 @@ def test_paired_differences_and_tests(quick):
     for label in ("answer", "verified"):
         table = raw["summary"]["tables"][label]
         for arm, ref in (("bcl", "control"), ("bcl", "rft")):
+            if ref not in table:
+                continue
             a, b = _per_seed(raw, label, arm), _per_seed(raw, label, ref)
-            seeds = sorted(a)
+            seeds = sorted(set(a) & set(b))
             d = [a[s] - b[s] for s in seeds]
             got = table[arm]["vs_control" if ref == "control" else "vs_rft"]
             assert got["seeds"] == seeds and got["diffs"] == pytest.approx(d)
@@ -124,10 +167,22 @@ def test_paired_differences_and_tests(quick):
                 assert got["t_p"] == pytest.approx(p)
 
 
+def test_per_question_bootstrap_is_centred_on_the_pooled_difference(quick):
+    """The pooled per-question difference is the mean of the seeds' accuracy differences (same questions
+    every seed), and its interval holds it."""
+    raw = quick["json"]
+    comp = raw["summary"]["comparisons"]["answer:bcl − control"]
+    by_seed, boot = comp["by_seed"]["accuracy"], comp["by_question"]
+    assert boot["seeds"] == by_seed["seeds"]
+    assert boot["mean"] == pytest.approx(by_seed["mean"])
+    assert boot["ci"][0] <= boot["mean"] <= boot["ci"][1] and 0.0 <= boot["p"] <= 1.0 and boot["se"] >= 0
+
+
 def test_markdown_agrees_with_the_json(quick):
     raw, md = quick["json"], quick["md"]
     assert "--quick" in md and "## Label rule: answer" in md and "## Label rule: verified" in md
     assert "## Paired differences" in md and "chosen on the validation split" in md
+    assert "## What the design can detect" in md
     for label in ("answer", "verified"):
         section = md.split(f"## Label rule: {label}")[1].split("##")[0]
         rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
@@ -135,7 +190,8 @@ def test_markdown_agrees_with_the_json(quick):
             accs = _per_seed(raw, label, arm)
             mean = 100 * sum(accs.values()) / len(accs)
             cells = [c.strip() for c in rows[arm].split("|")]
-            assert float(cells[3].split("±")[0]) == pytest.approx(mean, abs=0.051), rows[arm]
+            assert int(cells[3]) == len(accs), rows[arm]
+            assert float(cells[4].split("±")[0]) == pytest.approx(mean, abs=0.051), rows[arm]
 
 
 def test_plots_are_png_files(quick):
@@ -147,19 +203,48 @@ def test_plots_are_png_files(quick):
 
 
 def test_second_invocation_reuses_every_finished_arm(quick):
-    # A result carried into the cache by hand keeps saying where it came from, in the report.
-    carried = sorted(quick["work"].glob("arms/test/*/*/*/result.json"))[0]
-    entry = json.loads(carried.read_text())
-    carried.write_text(json.dumps({**entry, "reused_from": "an earlier run on the same base"}))
     r = _reproduce("--quick", f"--work_dir={quick['work']}", f"--out={quick['out']}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    lines = [x for x in r.stdout.splitlines() if x.startswith("[reproduce] ") and " seed " in x and "/" in x]
-    runs = len(quick["json"]["results"]) + len(quick["json"]["sweep"])
+    lines = [x for x in r.stdout.splitlines() if x.startswith("[reproduce] ") and " seed " in x]
+    runs = len(quick["json"]["results"]) + len(quick["json"]["val"])
     assert len(lines) == runs and all("(cached)" in x for x in lines)
     again = json.loads((quick["out"] / "reproduce.json").read_text())
     assert again["summary"]["tables"] == quick["json"]["summary"]["tables"]
-    md = (quick["out"] / "reproduce.md").read_text()
-    assert f"1 of the {runs} runs are reused: an earlier run on the same base." in md
+
+
+def test_arms_from_the_initial_model(quick, tmp_path):
+    """--aft_init base: the arms start from the model VFT started from (the base is reused), not the VFT
+    model, and are cached apart from the default arms."""
+    out = tmp_path / "out"
+    r = _reproduce(
+        "--quick",
+        "--aft_init",
+        "base",
+        "--arms",
+        "control",
+        "rft",
+        "bcl",
+        "--seeds",
+        "0",
+        "1",
+        f"--work_dir={quick['work']}",
+        f"--out={out}",
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    raw = json.loads((out / "reproduce.json").read_text())
+    assert raw["plan"]["init"] == "base" and raw["results"]
+    assert all(r["key"]["init"] == "base" for r in raw["results"])
+    assert (quick["work"] / "arms-from-init").is_dir()
+    assert "model VFT started from" in (out / "reproduce.md").read_text()
+
+    # Two steps from the untrained model leave the reference chains far less likely than the VFT model's.
+    def ppl(results: list[dict]) -> dict[int, float]:
+        return {
+            r["job"]["seed"]: r["summary"]["eval/perplexity"] for r in results if r["job"]["arm"] == "control"
+        }
+
+    from_init, from_vft = ppl(raw["results"]), ppl(quick["json"]["results"])
+    assert from_init and all(from_init[s] > 2 * from_vft[s] for s in from_init)
 
 
 def test_the_report_names_no_folder_of_the_machine_it_ran_on(quick):

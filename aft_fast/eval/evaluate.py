@@ -376,8 +376,16 @@ def _score_fixed(
     )
     a = assessment(fixed, fixed_scored)
     fpos, fneg = split_scores(fixed, fixed_scored)
+    # Re-ranking on the fixed set: the chain this model scores highest has the right answer (every model
+    # judges the same chains, unlike eval/rerank_accuracy over its own samples).
+    top_right = []
+    for g, s in zip(fixed, fixed_scored, strict=True):
+        if s.scores:
+            top = g.candidates[max(range(len(s.scores)), key=lambda i, sc=s.scores: (sc[i], -i))]
+            top_right.append(bool(top.correct if top.answer_correct is None else top.answer_correct))
     result.summary.update(
         {
+            "eval/fixed_rerank_accuracy": metrics.mean_or_none(top_right),
             "eval/fixed_assess_acc": a.accuracy,
             "eval/fixed_assess_pairs": a.pairs,
             "eval/fixed_assess_questions": a.questions,
