@@ -127,7 +127,7 @@ def dpo(out: Path, tokenizer_dir: str) -> None:
             weight_decay=0.0,
             max_grad_norm=0.0,
             bf16=False,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,  # TRL's configs default to True
             logging_steps=1,
             save_strategy="no",
             report_to=[],

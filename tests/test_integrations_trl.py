@@ -325,7 +325,7 @@ def _trl_run(kind, tokenizer, head, tmp_path, monkeypatch):
         max_grad_norm=0.0,
         bf16=False,
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # TRL's configs default to True
         logging_steps=1,
         save_strategy="no",
         report_to=[],

@@ -257,8 +257,12 @@ def build_model(
         lm = load_partitioned(init_model, config)
     attn = attention.prepare(lm, layout, dist.device)  # the attention kernel that can express the layout
     print0(f"[{stage}] layout {layout}, attention {attn.kernel}" + (f": {attn.note}" if attn.note else ""))
-    if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # transformers' activation checkpointing (its old name goes in v6)
+        checkpointing = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:  # transformers before the rename
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     peft = None
     if cfg.lora_r:  # the base frozen; only the adapters reach the optimizer (build_engine)
         targets = adapters.parse_target_modules(cfg.lora_target_modules)
