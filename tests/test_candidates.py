@@ -200,15 +200,20 @@ def test_label_rules_on_the_embedded_task():
             "running_total",
             None,
         ]
-    # Another task: no chain check; "verified" refuses, naming the config field.
+    # GSM8K: the step checker judges the chain (no form); a bare answer computes nothing.
     (ex,) = [e for e in read_examples(DATA / "gsm8k_sample.jsonl") if e.gold == "72"]
-    g = label_candidates(CandidateGroup.from_example(ex), ["#### 72", "#### 5"])
-    assert [(c.answer_correct, c.chain_ok, c.form) for c in g.candidates] == [
-        (True, None, None),
-        (False, None, None),
+    g = label_candidates(CandidateGroup.from_example(ex), [ex.reference, "#### 72", "#### 5"], "verified")
+    assert [(c.answer_correct, c.chain_ok, c.form, c.correct) for c in g.candidates] == [
+        (True, True, None, True),
+        (True, False, None, False),
+        (False, False, None, False),
     ]
+    # Multiple choice: no chain check; "verified" refuses, naming the config field.
+    aqua = read_examples(DATA / "aqua_sample.json")[0]
+    g = label_candidates(CandidateGroup.from_example(aqua), [f"#### {aqua.gold}"])
+    assert [(c.answer_correct, c.chain_ok, c.form) for c in g.candidates] == [(True, None, None)]
     with pytest.raises(ValueError, match="label: 'verified'"):
-        label_candidates(CandidateGroup.from_example(ex), ["#### 72"], "verified")
+        label_candidates(CandidateGroup.from_example(aqua), ["#### A"], "verified")
     with pytest.raises(ValueError, match="label: 'nope'"):
         label_candidates(_syn_group(), ["#### 21"], "nope")
 
@@ -307,9 +312,15 @@ def test_sample_stats_and_meta(tmp_path):
         assert meta["answer_positives_false_step"] == 1
         assert meta["answer_positives_false_step_pct"] == pytest.approx(100 / 3)
         assert meta["positives_by_form"] == by_form
-    # Another task: nothing checked, and the statistics say so instead of reporting zero noise.
+    # GSM8K: the step checker counts the answer-positive that computes nothing as noise.
     (ex,) = [e for e in read_examples(DATA / "gsm8k_sample.jsonl") if e.gold == "72"]
-    s = group_stats([label_candidates(CandidateGroup.from_example(ex), ["#### 72", "#### 1"])], 2, 0.0)
+    texts = [ex.reference, "#### 72", "#### 1"]
+    s = group_stats([label_candidates(CandidateGroup.from_example(ex), texts)], 3, 0.0)
+    assert (s.answer_positives, s.false_step) == (2, 1)
+    assert "1 of 2 answer-positives have a false step (50.0%)" in s.noise_text()
+    # Multiple choice: nothing checked, and the statistics say so instead of reporting zero noise.
+    aqua = read_examples(DATA / "aqua_sample.json")[0]
+    s = group_stats([label_candidates(CandidateGroup.from_example(aqua), [f"#### {aqua.gold}"])], 1, 0.0)
     assert s.answer_positives == 1 and s.false_step is None and s.false_step_pct is None
     assert "not checked" in s.noise_text()
 
@@ -337,10 +348,10 @@ def test_verified_rule_refuses_other_tasks(tmp_path, assets):
     from aft_fast.train.pipeline import Summary, prepare
 
     dist = Dist(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
-    gsm8k = DATA / "gsm8k_sample.jsonl"
-    cfg = TrainConfig(run_dir=str(tmp_path / "run"), stage="sample", train_data=str(gsm8k), label="verified")
+    aqua = DATA / "aqua_sample.json"
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), stage="sample", train_data=str(aqua), label="verified")
     with pytest.raises(
-        InputError, match=r"label: 'verified' needs a task whose chains can be checked.*gsm8k"
+        InputError, match=r"label: 'verified' needs a task whose chains can be checked.*aqua_sample"
     ):
         prepare(cfg, dist, Summary())
     # An aft stage reading a file without chain fields (older, or another task's) under --label verified.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from aft_fast.data.chains import FORMS, check_chain, is_checkable, parse_question
+from aft_fast.data.chains import FORMS, ChainCheck, check_chain, checker_of, is_checkable, parse_question
 
 # start 7; changes +5, -3, +4; answer 13.
 Q = (
@@ -55,9 +55,11 @@ def test_question_reading():
         "Mia has 7 shells. She finds 5 more. How many pens does Mia have now?",  # asks about another item
         "",
     ):
-        assert not is_checkable(other), other
-    with pytest.raises(ValueError, match="not an embedded-task question"):
-        check_chain("What is 2 + 2?", "#### 4")
+        # Not the embedded task: the step checker judges their chains (tests/test_steps.py).
+        assert parse_question(other) is None and checker_of(other) == "steps", other
+    assert check_chain("What is 2 + 2?", "2 + 2 = 4\n#### 4") == ChainCheck(True, None, None)
+    with pytest.raises(ValueError, match="multiple-choice question has no checker"):
+        check_chain("What is 2 + 2?\nAnswer Choices: (A) 3 (B) 4", "#### B")
 
 
 @pytest.mark.parametrize("form", FORMS)

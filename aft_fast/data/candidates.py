@@ -12,11 +12,12 @@ either every candidate has a ``rank`` (ranked feedback, higher is better) or non
 ignored, so files with extra metadata (sampling temperature, extracted answers) still load.
 
 The sample stage also stores why a candidate got its label: ``answer_correct`` (the final answer equals the
-gold), ``chain_ok`` (every step of the chain is right, `aft_fast.data.chains`; null where the task's chains
-cannot be checked) and ``form`` (the solution strategy the chain follows, null if unrecognised). ``correct``
-is the label under the rule the file was sampled with (``label``: "answer" or "verified"); `relabel`
-recomputes it for the other rule from those fields, so one sampled file serves both. Files without them
-(older ones, hand-made ones) still read.
+gold), ``chain_ok`` (every step of the chain is right, `aft_fast.data.chains`: the embedded task's checker,
+or the step checker on GSM8K-style questions; null where the task's chains cannot be checked, i.e. multiple
+choice) and ``form`` (the embedded task's solution strategy the chain follows, null if unrecognised or
+another task). ``correct`` is the label under the rule the file was sampled with (``label``: "answer" or
+"verified", `label_rule`); `relabel` recomputes it for the other rule from those fields, so one sampled
+file serves both. Files without them (older ones, hand-made ones) still read.
 """
 
 from __future__ import annotations
@@ -240,19 +241,27 @@ def _check_rule(rule: str) -> None:
         raise ValueError(f"label: {rule!r} is not one of {', '.join(LABEL_RULES)}")
 
 
+def label_rule(rule: str, answer_correct: bool, chain_ok: bool | None) -> bool:
+    """A candidate's binary label under `rule`, the one definition every stage uses: "answer" (the
+    paper's rule) = the final answer is right; "verified" = the answer is right and the chain checked
+    right (`aft_fast.data.chains.check_chain`; None, not checked, is not right)."""
+    _check_rule(rule)
+    return answer_correct if rule == "answer" else answer_correct and bool(chain_ok)
+
+
 def not_checkable_error(where: str) -> ValueError:
     return ValueError(
-        f"label: 'verified' needs a task whose chains can be checked (the embedded synthetic task); "
-        f"{where} is not one. Use --label answer"
+        f"label: 'verified' needs a task whose chains can be checked (the embedded synthetic task, or "
+        f"GSM8K-style questions: the step checker); {where} is multiple choice. Use --label answer"
     )
 
 
 def label_candidates(group: CandidateGroup, texts: list[str], rule: str = "answer") -> CandidateGroup:
     """A copy of `group` whose candidates are `texts` without exact duplicates (first kept, order
     preserved), each with ``answer_correct`` (its extracted answer matches the gold), ``chain_ok`` and
-    ``form`` (from `check_chain`; None where the question is not checkable) and ``correct`` by `rule`:
-    "answer" (the paper's rule) = answer_correct; "verified" = answer_correct and chain_ok. "verified" on
-    a question that cannot be checked raises ValueError naming the ``label`` field."""
+    ``form`` (from `check_chain`; None where the question is not checkable) and ``correct`` by
+    `label_rule`. "verified" on a question that cannot be checked (multiple choice) raises ValueError
+    naming the ``label`` field."""
     _check_rule(rule)
     checkable = is_checkable(group.question)
     if rule == "verified" and not checkable:
@@ -268,7 +277,7 @@ def label_candidates(group: CandidateGroup, texts: list[str], rule: str = "answe
         if checkable:
             check = check_chain(group.question, t)
             chain_ok, form = check.ok, check.form
-        correct = right if rule == "answer" else right and bool(chain_ok)
+        correct = label_rule(rule, right, chain_ok)
         cands.append(Candidate(t, correct=correct, answer_correct=right, chain_ok=chain_ok, form=form))
     return replace(group, candidates=cands)
 
@@ -289,7 +298,7 @@ def relabel(groups: list[CandidateGroup], rule: str) -> list[CandidateGroup]:
             if c.answer_correct is None or c.chain_ok is None:
                 missing = "answer_correct" if c.answer_correct is None else "chain_ok"
                 raise not_checkable_error(f"group {g.id!r} (candidate {i} has no {missing!r})")
-            correct = c.answer_correct if rule == "answer" else c.answer_correct and c.chain_ok
+            correct = label_rule(rule, c.answer_correct, c.chain_ok)
             cands.append(replace(c, correct=correct))
         out.append(replace(g, candidates=cands))
     return out

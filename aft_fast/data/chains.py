@@ -1,4 +1,12 @@
-"""The chain checker of the embedded task: is a chain of thought right, not only its final answer?
+"""The chain checkers: is a chain of thought right, not only its final answer? One entry point,
+`check_chain(question, chain)`, serves every stage (sample's labels, the candidate file's metadata, eval):
+
+- an embedded-task question gets the checker below, which knows the task's solution strategies;
+- any other question without answer choices (GSM8K and its kin) gets the step checker of
+  `aft_fast.data.steps`: every arithmetic statement true, the final answer computed by one of them;
+- a multiple-choice question (AQuA, ECQA: "Answer Choices: (A) ...") gets none (`is_checkable` is False).
+
+The embedded task's checker:
 
 A candidate can reach the gold answer through false arithmetic whose errors cancel ("2 + 12 = 13 ...
 13 + 4 = 18 ... #### 21"); the answer rule labels it positive and AFT would push wrong reasoning up.
@@ -24,6 +32,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from aft_fast.data.steps import check_steps
 
 FORMS: tuple[str, ...] = ("running_total", "gains_losses", "net_change")
 
@@ -51,8 +61,9 @@ _FINAL = re.compile(rf"#### ?({_NUM})")
 @dataclass(frozen=True)
 class ChainCheck:
     """ok: every equation true, every step built on what its form requires, the final line the last
-    result. form: the strategy the chain follows (one of FORMS), None if unrecognised. error: the first
-    false or unsupported step, human-readable (None when ok)."""
+    result (on other questions: the step checker's verdict). form: the strategy the chain follows (one
+    of FORMS), None if unrecognised or not the embedded task. error: the first false or unsupported step,
+    human-readable (None when ok)."""
 
     ok: bool
     form: str | None
@@ -89,9 +100,21 @@ def parse_question(question: str) -> Question | None:
     return Question(start.group(1), start.group(3), int(start.group(2)), tuple(changes))
 
 
+CHECKERS = ("forms", "steps")  # the embedded task's checker; the GSM8K-style step checker
+# How formats.with_options shows a multiple-choice question: its chains end in a letter, not arithmetic.
+_CHOICES = re.compile(r"\nAnswer Choices: \(A\) ")
+
+
+def checker_of(question: str) -> str | None:
+    """The checker that judges chains for `question` (one of CHECKERS), or None: multiple choice."""
+    if parse_question(question) is not None:
+        return "forms"
+    return None if _CHOICES.search(question) else "steps"
+
+
 def is_checkable(question: str) -> bool:
-    """Whether `question` is an embedded-task problem that `check_chain` understands."""
-    return parse_question(question) is not None
+    """Whether `check_chain` can judge chains for `question`: every question but multiple choice."""
+    return checker_of(question) is not None
 
 
 @dataclass(frozen=True)
@@ -237,11 +260,15 @@ def chain_form(lines: list[str]) -> str | None:
 
 
 def check_chain(question: str, chain: str) -> ChainCheck:
-    """Check `chain` against `question` (an embedded-task problem; see `is_checkable`). Raises ValueError
-    for a question the checker does not understand."""
+    """Check `chain` for `question` with the question's checker (`checker_of`): form and steps on the
+    embedded task; on other questions every arithmetic statement (form None). Raises ValueError for a
+    multiple-choice question."""
     q = parse_question(question)
     if q is None:
-        raise ValueError(f"check_chain: not an embedded-task question: {question[:80]!r}")
+        if _CHOICES.search(question):
+            raise ValueError(f"check_chain: a multiple-choice question has no checker: {question[:80]!r}")
+        steps = check_steps(chain)
+        return ChainCheck(steps.ok, None, steps.error)
     lines = [s.strip() for s in chain.strip().splitlines() if s.strip()]
     form = chain_form(lines)
     if form is None:

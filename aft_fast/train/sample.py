@@ -1,10 +1,11 @@
 """Stage sample: k candidates per training question from the frozen VFT model, labelled by `label`: answer
-checking (the paper's rule) or, on the embedded task, answer and chain checking (`aft_fast.data.chains`).
+checking (the paper's rule) or answer and chain checking (`aft_fast.data.chains`: the embedded task's
+checker, or the step checker on GSM8K-style questions).
 
 Each process holds a replica of the model (loaded from the VFT Hugging Face folder) and samples its share
 of the questions; rank 0 writes one JSONL. For the dpo modes a second pass stores each candidate's summed
 log-prob under that same frozen model (`ref_logp`). Next to the file, `<file>.meta.json` records the label
-rule, the task version and the label noise: how many answer-positives hold a false step.
+rule, the task version, the chain checker and the label noise: how many answer-positives hold a false step.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from aft_fast.data.candidates import (
     not_checkable_error,
     write_candidates,
 )
-from aft_fast.data.chains import is_checkable
+from aft_fast.data.chains import checker_of, is_checkable
 from aft_fast.data.formats import Example
 from aft_fast.eval.evaluate import score_groups
 from aft_fast.eval.generation import map_sharded
@@ -60,7 +61,7 @@ class SampleStats:
     def noise_text(self) -> str:
         """The label-noise clause of the summary line."""
         if self.false_step is None:
-            return "chains not checked (not the embedded task)"
+            return "chains not checked (multiple choice: no chain checker)"
         pct = self.false_step_pct
         return f"{self.false_step} of {self.answer_positives} answer-positives have a false step" + (
             f" ({pct:.1f}%)" if pct is not None else ""
@@ -90,13 +91,22 @@ def meta_path(candidates_path: str | Path) -> Path:
     return Path(f"{candidates_path}.meta.json")
 
 
-def write_meta(candidates_path: str | Path, stats: SampleStats, *, label: str, task: str | None) -> Path:
-    """Write `<candidates_path>.meta.json`: label rule, task version (None: not the embedded task), counts
-    and label noise. Atomic (temp file, then os.replace)."""
+def write_meta(
+    candidates_path: str | Path,
+    stats: SampleStats,
+    *,
+    label: str,
+    task: str | None,
+    checker: str | None = None,
+) -> Path:
+    """Write `<candidates_path>.meta.json`: label rule, task version (None: not the embedded task), the
+    chain checker (`aft_fast.data.chains.checker_of`; None: chains not checked), counts and label noise.
+    Atomic (temp file, then os.replace)."""
     path = meta_path(candidates_path)
     meta = {
         "label": label,
         "task": task,
+        "checker": checker,
         "groups": stats.questions,
         "candidates": stats.candidates,
         "positives": stats.positives,
@@ -196,6 +206,9 @@ def run_sample(
     stats = group_stats(groups, len(questions) * cfg.num_samples, time.perf_counter() - t0)
     if dist.is_main:
         write_candidates(out_path, groups)
-        write_meta(out_path, stats, label=cfg.label, task=None if cfg.train_data else cfg.synthetic_task)
+        task = None if cfg.train_data else cfg.synthetic_task
+        checkers = {checker_of(g.question) for g in groups}
+        checker = checkers.pop() if len(checkers) == 1 else None  # a mixed file names none
+        write_meta(out_path, stats, label=cfg.label, task=task, checker=checker)
     deepspeed.comm.barrier()
     return stats
