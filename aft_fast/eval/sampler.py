@@ -2,9 +2,10 @@
 
 Both ask one thing of a sampler: for each question, k chains (the decoded text after the prompt), under
 one set of sampling parameters and a seed. `HFSampler` answers with the model's own Hugging Face
-`generate` (aft_fast/eval/generation.py); another engine (vLLM, a server) is one more class with the
-same `generate`, handed to `run_sample` / `evaluate` in its place. Sharding over ranks stays with the
-caller (`map_sharded`), so a sampler sees one batch of questions at a time.
+`generate` (aft_fast/eval/generation.py); `VLLMSampler` (aft_fast/eval/vllm_sampler.py) with a vLLM engine
+in an environment of its own. The run config's `sampler` picks one for the sample stage and evaluation
+alike (`make_sampler`, aft_fast/train/sample.py). Sharding over ranks stays with the caller
+(`map_sharded`), so a sampler sees one batch of questions at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from aft_fast.eval.generation import generate_chains
+
+SAMPLERS = ("hf", "vllm")  # --sampler: HFSampler here, VLLMSampler in aft_fast/eval/vllm_sampler.py
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class Sampler(Protocol):
         tokens). seed: the batch's seed, so that results do not depend on the process count."""
         ...
 
+    def close(self) -> None:
+        """Free what the sampler holds (an engine, a worker process); the caller that made it calls this."""
+        ...
+
 
 class HFSampler:
     """The model's own Hugging Face `generate`, prompts left-padded into one batch."""
@@ -66,3 +73,6 @@ class HFSampler:
             max_new_tokens=params.max_new_tokens,
             seed=seed,
         )
+
+    def close(self) -> None:
+        """Nothing to free: the model is the caller's."""

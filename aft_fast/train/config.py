@@ -22,6 +22,8 @@ import yaml
 from aft_fast.constants import BACKENDS, TRAIN_MODES
 from aft_fast.data.collate import LAYOUTS
 from aft_fast.data.prompts import PROMPT_FORMATS
+from aft_fast.eval.sampler import SAMPLERS
+from aft_fast.eval.vllm_sampler import VLLMOptions
 from aft_fast.options import LossOptions
 
 STAGES = ("vft", "sample", "aft", "eval", "all")
@@ -185,6 +187,29 @@ class TrainConfig:
         "model scores, for assessment accuracy on the same chains; empty: --stage all scores eval_vft's "
         "test samples with the AFT model",
     )
+    sampler: str = _opt(
+        "hf",
+        "where sample and eval get their chains: hf (the model's own Hugging Face generate) | vllm (a vLLM "
+        "engine per process, run by vllm_python; the same sampling parameters, labels and scores)",
+    )
+    vllm_python: str = _opt(
+        VLLMOptions.python,
+        "sampler vllm: the Python that has vLLM, in an environment of its own (vLLM pins an older "
+        "transformers); `make vllm-env` creates the default, with vLLM's CPU build",
+    )
+    vllm_gpu_memory_utilization: float = _opt(
+        VLLMOptions.gpu_memory_utilization,
+        "sampler vllm: fraction of the GPU the engine may take (the stage has the GPU to itself; capped at "
+        "what is free beside the model that scores)",
+    )
+    vllm_kv_cache_gb: float = _opt(
+        VLLMOptions.kv_cache_gb,
+        "sampler vllm: KV cache in GiB; 0: what vllm_gpu_memory_utilization leaves on GPUs, 1 GiB on the CPU",
+    )
+    vllm_tensor_parallel_size: int = _opt(
+        VLLMOptions.tensor_parallel_size,
+        "sampler vllm: GPUs per engine (tensor parallel); above 1 only in a run of one process",
+    )
     # --- checkpoints and logging -----------------------------------------------------------------------
     save_every: int = _opt(200, "DeepSpeed checkpoint every N optimizer steps (0: only the final HF folder)")
     keep_checkpoints: int = _opt(2, "DeepSpeed checkpoints kept per stage (older ones are deleted)")
@@ -275,6 +300,17 @@ def check(cfg: TrainConfig) -> None:
         raise InputError("warmup_ratio must lie in [0, 1) and min_lr_ratio in [0, 1]")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
         raise InputError("temperature must be > 0 and top_p in (0, 1]")
+    _choice("sampler", cfg.sampler, SAMPLERS)
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        raise InputError(
+            f"vllm_gpu_memory_utilization: must lie in (0, 1], got {cfg.vllm_gpu_memory_utilization}"
+        )
+    if cfg.vllm_kv_cache_gb < 0:
+        raise InputError(f"vllm_kv_cache_gb: must be >= 0 (0: auto), got {cfg.vllm_kv_cache_gb}")
+    if cfg.vllm_tensor_parallel_size < 1:
+        raise InputError(
+            f"vllm_tensor_parallel_size: must be at least 1, got {cfg.vllm_tensor_parallel_size}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

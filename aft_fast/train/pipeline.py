@@ -52,7 +52,7 @@ from aft_fast.train.config import InputError, TrainConfig, to_yaml
 from aft_fast.train.engine import Dist, model_dtype, resolve_ds_config_path
 from aft_fast.train.logging import MetricsLogger, print0
 from aft_fast.train.run_guard import guard
-from aft_fast.train.sample import group_stats, run_sample
+from aft_fast.train.sample import check_sampler, group_stats, make_sampler, run_sample
 from aft_fast.train.vft import run_vft
 
 ALL = ("vft", "eval_vft", "sample", "aft", "eval_aft")
@@ -136,6 +136,8 @@ def prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
 
 def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
     t0 = time.perf_counter()
+    # --sampler vllm: its environment is checked before anything is written or trained.
+    vllm = check_sampler(cfg, dist) if cfg.stage in ("all", "sample", "eval") else None
     train, test = _read_data(cfg, dist)
     start = _start_model(cfg)
     tokenizer, n_params = _tokenizer(cfg, dist, train, start)
@@ -158,6 +160,7 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
         f"tokenizer {len(tokenizer)} tokens",
         f"model {start}" + (f" ({n_params / 1e6:.2f}M params, from scratch)" if n_params else ""),
     ]
+    what += [f"sampler vllm {vllm} ({cfg.vllm_python})"] if vllm else []
     summary.add("setup", time.perf_counter() - t0, ", ".join(what))
     return Inputs(tokenizer, train, test, start, groups, eval_groups)
 
@@ -256,20 +259,25 @@ def _evaluate(
     eval_<name>.json, test_candidates_<name>.jsonl and the score plot scores_<name>.png."""
     t0 = time.perf_counter()
     model = load_replica(model_dir, dist.device, dtype)
-    res = evaluate(
-        model,
-        tokenizer,
-        test[: cfg.eval_limit or None],
-        samples=cfg.eval_samples,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.gen_batch_size,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        fixed=fixed,
-        progress=cfg.progress,
-    )
+    sampler = make_sampler(cfg, dist, tokenizer, model_dir, dtype, model)
+    try:
+        res = evaluate(
+            model,
+            tokenizer,
+            test[: cfg.eval_limit or None],
+            samples=cfg.eval_samples,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.gen_batch_size,
+            max_length=cfg.max_length,
+            seed=cfg.seed,
+            fixed=fixed,
+            progress=cfg.progress,
+            sampler=sampler,
+        )
+    finally:
+        sampler.close()
     del model
     _free()
     if dist.is_main:

@@ -33,6 +33,7 @@ from aft_fast.data.formats import Example
 from aft_fast.eval.evaluate import score_groups
 from aft_fast.eval.generation import map_sharded
 from aft_fast.eval.sampler import HFSampler, Sampler, SamplingParams, batch_seed
+from aft_fast.eval.vllm_sampler import VLLMOptions, VLLMSampler, check_vllm_python
 from aft_fast.models.loading import load_replica
 from aft_fast.train.config import TrainConfig
 from aft_fast.train.engine import Dist
@@ -158,6 +159,48 @@ def reference_logps(
     ]
 
 
+def vllm_options(cfg: TrainConfig) -> VLLMOptions:
+    """The engine settings of --sampler vllm (the config's vllm_* fields)."""
+    return VLLMOptions(
+        python=cfg.vllm_python,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+        kv_cache_gb=cfg.vllm_kv_cache_gb,
+    )
+
+
+def check_sampler(cfg: TrainConfig, dist: Dist) -> str | None:
+    """Before any stage starts: under --sampler vllm, the vLLM environment imports vLLM (its version is
+    returned) and the tensor-parallel size fits the run; ValueError naming the field otherwise (with the
+    command that creates the environment). None under hf."""
+    if cfg.sampler != "vllm":
+        return None
+    if cfg.vllm_tensor_parallel_size > 1 and dist.world_size > 1:
+        raise ValueError(
+            f"vllm_tensor_parallel_size: {cfg.vllm_tensor_parallel_size} GPUs per engine needs a run of one "
+            f"process (this one has {dist.world_size}, each with an engine on its own GPU)"
+        )
+    return check_vllm_python(cfg.vllm_python)
+
+
+def make_sampler(
+    cfg: TrainConfig,
+    dist: Dist,
+    tokenizer: PreTrainedTokenizerBase,
+    model_dir: Path,
+    dtype: torch.dtype,
+    model: nn.Module | None = None,
+) -> Sampler:
+    """The sampler that cfg.sampler names, for the sample stage and evaluation alike: hf generates with
+    `model` (loaded from `model_dir` when None); vllm starts an engine on `model_dir` on first use (close
+    it when done), seeded with cfg.seed, in cfg.vllm_python."""
+    if cfg.sampler == "vllm":
+        return VLLMSampler(
+            model_dir, tokenizer, dtype=dtype, seed=cfg.seed, options=vllm_options(cfg), device=dist.device
+        )
+    return HFSampler(model if model is not None else load_replica(model_dir, dist.device, dtype), tokenizer)
+
+
 def run_sample(
     cfg: TrainConfig,
     dist: Dist,
@@ -168,16 +211,18 @@ def run_sample(
     dtype: torch.dtype,
     sampler: Sampler | None = None,
 ) -> SampleStats:
-    """k candidates per training question from `sampler` (default: the model of `model_dir`'s own
-    `generate`), labelled, with the reference log-probs for the dpo modes; written to `out_path`."""
+    """k candidates per training question from `sampler` (default: cfg.sampler's, `make_sampler`),
+    labelled, with the reference log-probs for the dpo modes; written to `out_path`."""
     t0 = time.perf_counter()
     questions = examples[: cfg.sample_limit or None]
     if cfg.label == "verified":  # fail before sampling, not after
         bad = next((e for e in questions if not is_checkable(e.question)), None)
         if bad is not None:
             raise not_checkable_error(f"training question {bad.id!r}")
-    model = load_replica(model_dir, dist.device, dtype)
-    chains = sampler or HFSampler(model, tokenizer)
+    # vLLM's engine samples alone (the default engine memory assumes the stage's device to itself); the
+    # replica that scores ref_logp loads after it is gone.
+    model = load_replica(model_dir, dist.device, dtype) if sampler is None and cfg.sampler == "hf" else None
+    chains = sampler or make_sampler(cfg, dist, tokenizer, model_dir, dtype, model)
     params = SamplingParams(
         num_return_sequences=cfg.num_samples,
         do_sample=True,
@@ -189,14 +234,18 @@ def run_sample(
     def sample(i: int, batch: list[Example]) -> list[list[str]]:
         return chains.generate([e.question for e in batch], params, seed=batch_seed(cfg.seed, i))
 
-    texts = map_sharded(questions, cfg.gen_batch_size, sample, desc="sample", progress=cfg.progress)
+    try:
+        texts = map_sharded(questions, cfg.gen_batch_size, sample, desc="sample", progress=cfg.progress)
+    finally:
+        if chains is not sampler:  # made here: an engine's memory goes back before ref_logp scoring
+            chains.close()
     groups = [
         label_candidates(CandidateGroup.from_example(e), t, cfg.label)
         for e, t in zip(questions, texts, strict=True)
     ]
     if train_mode(cfg.mode).needs_ref_logp:
         groups = reference_logps(
-            model,
+            model if model is not None else load_replica(model_dir, dist.device, dtype),
             tokenizer,
             groups,
             max_length=cfg.max_length,
