@@ -6,14 +6,16 @@ from here (tests/test_options.py holds every signature that spells them to these
 a value the loss cannot mean is a ValueError that names the argument. Inside, the loss layer, its backends,
 the objectives and `AFTModel` pass one `LossOptions` around.
 
-`candidate_pairs` is the pair rule the options act on (label_i > label_j), written once for the loss, the
-training diagnostics and the evaluation metrics.
+`GroupPlan` is the label-only structure of a batch of segments that the loss and every backend read
+(built by `aft_fast.losses.objectives.build_plan`), and `candidate_pairs` the pair rule behind it
+(label_i > label_j), written once for the loss, the training diagnostics and the evaluation metrics. They
+live here, in the ground layer, so that the backends (aft_fast/ops/) name their types.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -78,6 +80,67 @@ class LossOptions:
     def kwargs(self) -> dict[str, Any]:
         """The options as the keywords of `aft_fast.aft_loss`."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Label-only structure of a batch of segments. Arrays named *_group are sorted by group.
+
+    num_groups: G, the number of distinct group ids (groups are renumbered 0..G-1).
+    num_valid:  groups with at least one pair: the denominator of L_align (global, kept by slices).
+    ref_tokens: scored tokens of reference chains: the denominator of L_vft (global, likewise).
+    seg_group:  [S] each segment's renumbered group.
+    pair_i, pair_j, pair_group: [P] candidate pairs with label[i] > label[j] (i plays the positive).
+    top_seg, top_group: [K] candidates at their group's top rank, in groups that have a pair.
+    ref_seg, ref_group: [R] reference segments.
+    """
+
+    num_groups: int
+    num_valid: int
+    ref_tokens: int
+    seg_group: torch.Tensor
+    pair_i: torch.Tensor
+    pair_j: torch.Tensor
+    pair_group: torch.Tensor
+    top_seg: torch.Tensor
+    top_group: torch.Tensor
+    ref_seg: torch.Tensor
+    ref_group: torch.Tensor
+
+    def slice_groups(self, start: int, end: int) -> GroupPlan:
+        """The part of the plan that belongs to groups start..end-1 (normalizers unchanged)."""
+
+        def cut(idx: torch.Tensor, *arrays: torch.Tensor) -> list[torch.Tensor]:
+            bounds = torch.searchsorted(idx, torch.tensor([start, end], device=idx.device)).tolist()
+            return [a[bounds[0] : bounds[1]] for a in arrays]
+
+        pair_i, pair_j, pair_group = cut(self.pair_group, self.pair_i, self.pair_j, self.pair_group)
+        top_seg, top_group = cut(self.top_group, self.top_seg, self.top_group)
+        ref_seg, ref_group = cut(self.ref_group, self.ref_seg, self.ref_group)
+        return replace(
+            self,
+            pair_i=pair_i,
+            pair_j=pair_j,
+            pair_group=pair_group,
+            top_seg=top_seg,
+            top_group=top_group,
+            ref_seg=ref_seg,
+            ref_group=ref_group,
+        )
+
+    def live_segments(self, options: LossOptions) -> torch.Tensor:
+        """[S] bool: the segments whose d(loss)/d(sum) can be nonzero, from labels alone. A superset: a
+        segment marked False has an exactly zero gradient (references when w_vft = 0, candidates in groups
+        without pairs or in mode vft, and in dcl the candidates that only ever play j, whose score is
+        detached). Engines that skip dead rows order the others last."""
+        live = torch.zeros(self.seg_group.numel(), dtype=torch.bool, device=self.seg_group.device)
+        if options.w_vft != 0 and self.ref_tokens:
+            live[self.ref_seg] = True
+        if options.mode != "vft" and options.w_align != 0 and self.num_valid:
+            live[self.pair_i] = True
+            if options.base != "dcl":
+                live[self.pair_j] = True
+        return live
 
 
 def candidate_pairs(

@@ -9,6 +9,7 @@ import torch
 from aft_fast.losses.group_objective import TorchObjective
 from aft_fast.losses.objectives import build_plan
 from aft_fast.ops import chunk_loop, torch_chunks
+from aft_fast.ops.backend import AFTCall
 from aft_fast.options import LossOptions
 from tests.conftest import make_problem
 
@@ -31,9 +32,9 @@ def _run(p, chunk_size):
     prims, calls = _counting_prims()
     counts = torch.bincount(p.segments, minlength=p.group.numel()).float()
     plan = build_plan(p.group, p.label, p.is_reference, counts)
-    result = chunk_loop.aft_forward(prims, p.hidden, p.weight, None, p.rows, p.targets, p.segments, counts,
-                                    plan, LossOptions(), None, (True, True, False), chunk_size,
-                                    objective=TorchObjective)
+    call = AFTCall(p.rows, p.targets, p.segments, counts, plan, LossOptions(), None, "torch", chunk_size)
+    result = chunk_loop.ChunkedBackend(prims).aft_forward(p.hidden, p.weight, None, call, (True, True, False),
+                                                          TorchObjective(call, need_grad=True))
     return result, calls
 
 

@@ -113,13 +113,13 @@ def test_keep_probs_keeps_nothing_without_a_backward(backend, monkeypatch):
     from aft_fast.ops import chunk_loop
 
     budgets = []
-    forward = chunk_loop.logprob_forward
+    forward = chunk_loop.ChunkedBackend.logprob_forward
 
-    def spy(*args, **kw):
+    def spy(*args, **kw):  # args: self, hidden, weight, bias, rows, targets, chunk_size[, keep_bytes]
         budgets.append(args[-1] if len(args) > 7 else kw.get("keep_bytes", 0))
         return forward(*args, **kw)
 
-    monkeypatch.setattr(chunk_loop, "logprob_forward", spy)  # ChunkedBackend looks it up at each call
+    monkeypatch.setattr(chunk_loop.ChunkedBackend, "logprob_forward", spy)
     hidden, weight, kw = _logprob_inputs()
     with torch.no_grad():
         aft_fast.linear_logprob(hidden, weight, **kw, backend=backend, chunk_size=CHUNK, keep_probs=True)

@@ -166,14 +166,20 @@ def _segment_problem(seed: int, ranked: bool, members=None):
 @pytest.mark.parametrize("ranked", [False, True], ids=["binary", "ranked"])
 @pytest.mark.parametrize("mode", MODES)
 def test_group_loss_kernel(mode, ranked):
-    """Loss parts and d(loss)/d(sums) of the kernel path against autograd through the reference."""
-    from aft_fast.ops.triton_backend import objective_with_grad
+    """Loss parts and d(loss)/d(sums) of the kernel path (all groups at once, as the fused strategy runs
+    it) against autograd through the reference."""
+    from aft_fast.ops.backend import AFTCall
+    from aft_fast.ops.triton_backend import GroupKernelObjective
 
     p, sums, counts = _segment_problem(21 + ranked, ranked)
     cfg = LossOptions(mode=mode, beta=0.3, w_vft=0.7, w_align=1.3, dpo_beta=0.2, pro_tau=0.8)
     plan = build_plan(*(t.to(DEVICE) for t in (p.group, p.label, p.is_reference)), counts.to(DEVICE))
-    loss, vft, align, dsum = objective_with_grad(sums.to(DEVICE), counts.to(DEVICE), plan, cfg,
-                                                 p.ref_logp.to(DEVICE))
+    no_tokens = torch.zeros(0, dtype=torch.int64, device=DEVICE)  # the group loss reads none
+    call = AFTCall(no_tokens, no_tokens, no_tokens, counts.to(DEVICE), plan, cfg, p.ref_logp.to(DEVICE),
+                   "triton")
+    objective = GroupKernelObjective(call)
+    dsum = objective.unit(sums.to(DEVICE), 0, plan.num_groups)
+    loss, vft, align = objective.result(sums.to(DEVICE))
 
     leaf = sums.double().requires_grad_()
     ref_vft = -leaf[p.is_reference].sum() / counts[p.is_reference].sum()
@@ -193,7 +199,8 @@ def test_group_loss_kernel(mode, ranked):
 @pytest.mark.parametrize("mode", ["bcl", "dpo+bc", "pro+bc", "rrhf", "dcl", "align"])
 def test_group_loss_kernel_pair_blocks(mode):
     """Groups with more pairs than one block (BLOCK_P = 2 and 4): the online log-sum-exp across blocks."""
-    from aft_fast.ops.triton_backend import group_csr, group_loss_fwd
+    from aft_fast.kernels.group_loss import group_loss_fwd
+    from aft_fast.ops.triton_backend import group_csr
 
     members = [[2, 3, 1, 4, 2, 2, 3, 1, 2, 5, 1, 2], [3, 1, 2], [1, 1]]  # 12 ranked candidates: many pairs
     p, sums, counts = _segment_problem(31, True, members=members)
@@ -487,14 +494,13 @@ def _expected_live(p, mode: str) -> set[int]:
 def test_chunk_plan_whole_groups_live_rows_first(mode):
     """The chunk plan of engines that skip dead rows: a permutation of the tokens; units of whole groups,
     at most a chunk each unless a single group; each unit's live tokens (those of live segments) first."""
-    from aft_fast.losses.group_objective import live_segments
     from aft_fast.ops.chunk_loop import plan_chunks
 
     p = make_problem(seed=11, ranked=True)
     S = p.group.numel()
     counts = torch.bincount(p.segments, minlength=S).float()
     plan = build_plan(p.group, p.label, p.is_reference, counts)
-    live_seg = live_segments(plan, LossOptions(mode=mode), S)
+    live_seg = plan.live_segments(LossOptions(mode=mode))
     assert set(torch.nonzero(live_seg).flatten().tolist()) == _expected_live(p, mode)
 
     order, units, chunk = plan_chunks(plan, p.segments, 12, None, live_seg)

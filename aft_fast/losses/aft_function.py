@@ -1,51 +1,37 @@
 """AFTLossFunction: the fused operator as one autograd Function.
 
 The loss is a scalar, so its gradients are formed during forward (chunk by chunk, see
-aft_fast/ops/chunk_loop.py) and backward only scales them by the incoming gradient. The backend runs the
-chunks; this layer brings the plan, the options and the group loss (aft_fast/losses/group_objective.py).
+aft_fast/ops/chunk_loop.py) and backward only scales them by the incoming gradient. The Function holds one
+frozen `AFTCall` (the checked call: tokens, plan, options; aft_fast/ops/backend.py), picks the group loss
+that suits the backend (`group_objective`) and hands both to the backend.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from aft_fast.losses.group_objective import TorchObjective, live_segments
-from aft_fast.losses.objectives import build_plan
+from aft_fast.losses.group_objective import TorchObjective
+from aft_fast.ops.backend import AFTCall, GroupObjective
 from aft_fast.ops.dispatch import get_backend
-from aft_fast.ops.logit_options import IDENTITY, LogitOptions
-from aft_fast.options import LossOptions
 
 
-@dataclass(frozen=True)
-class AFTInputs:
-    rows: torch.Tensor
-    targets: torch.Tensor
-    segments: torch.Tensor
-    group: torch.Tensor
-    label: torch.Tensor
-    is_reference: torch.Tensor
-    counts: torch.Tensor
-    ref_logp: torch.Tensor | None
-    cfg: LossOptions
-    backend: str
-    chunk_size: int | None
-    post: LogitOptions = IDENTITY  # the logit post-processing (logit_scale, softcap, temperature)
+def group_objective(call: AFTCall, need_grad: bool) -> GroupObjective:
+    """The group loss of `call`: the triton backend's group-loss kernel, else autograd on the loss math
+    (the CPU backends). need_grad: whether d(loss)/d(sums) is wanted (the kernel forms it anyway)."""
+    if call.backend == "triton":
+        from aft_fast.ops.triton_backend import GroupKernelObjective  # imports triton: only when it runs
+
+        return GroupKernelObjective(call)
+    return TorchObjective(call, need_grad)
 
 
 class AFTLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, inputs: AFTInputs):
-        counts = inputs.counts.to(torch.float32)
-        plan = build_plan(inputs.group, inputs.label, inputs.is_reference, inputs.counts)
-        need = tuple(ctx.needs_input_grad[:3])
-        result = get_backend(inputs.backend).aft_forward(
-            hidden, weight, bias, inputs.rows, inputs.targets, inputs.segments, counts, plan,
-            inputs.cfg, inputs.ref_logp, need, inputs.chunk_size, objective=TorchObjective,
-            live_seg=live_segments(plan, inputs.cfg, counts.numel()) if any(need) else None, post=inputs.post,
-        )
-        scores = result.sums / counts
+    def forward(ctx, hidden, weight, bias, call: AFTCall):
+        need = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2]))
+        objective = group_objective(call, any(need))
+        result = get_backend(call.backend).aft_forward(hidden, weight, bias, call, need, objective)
+        scores = result.sums / call.counts
         ctx.save_for_backward(*result.grads)
         ctx.mark_non_differentiable(scores, result.vft, result.align)
         return result.loss, scores, result.vft, result.align

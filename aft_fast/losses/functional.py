@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from aft_fast.losses import checks
-from aft_fast.losses.aft_function import AFTInputs, AFTLossFunction
+from aft_fast.losses.aft_function import AFTLossFunction
 from aft_fast.losses.linear_logprob import LinearLogProbFunction, LogProbInputs
+from aft_fast.losses.objectives import build_plan
+from aft_fast.ops.backend import AFTCall
 from aft_fast.ops.chunk_loop import default_chunk_size
 from aft_fast.ops.dispatch import resolve_backend
 from aft_fast.options import LossOptions
@@ -79,15 +81,12 @@ def aft_loss(
     checks.check_groups(hidden, group, label, is_reference, ref_logp, options)
     counts = checks.check_tokens(hidden, weight, rows, targets, segments, group.numel())
     post = checks.check_logit_options(logit_scale, softcap, temperature)
-    inputs = AFTInputs(
-        rows=rows, targets=targets, segments=segments, group=group, label=label,
-        is_reference=is_reference, counts=counts, ref_logp=ref_logp,
-        cfg=options,
-        backend=resolve_backend(backend, hidden.device),
-        chunk_size=chunk_size,
-        post=post,
+    call = AFTCall(
+        rows=rows, targets=targets, segments=segments, counts=counts.to(torch.float32),
+        plan=build_plan(group, label, is_reference, counts), options=options, ref_logp=ref_logp,
+        backend=resolve_backend(backend, hidden.device), chunk_size=chunk_size, post=post,
     )
-    loss, scores, vft, align = AFTLossFunction.apply(hidden, weight, bias, inputs)
+    loss, scores, vft, align = AFTLossFunction.apply(hidden, weight, bias, call)
     return AFTOutput(loss=loss, scores=scores, vft_loss=vft, align_loss=align)
 
 

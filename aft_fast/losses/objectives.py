@@ -5,59 +5,17 @@ backends: given each segment's summed log-prob it returns L = w_vft * L_vft + w_
 and autograd on these few small tensors gives d(loss)/d(sum) for the heavy pass.
 
 Everything that depends only on labels (which candidate pairs exist, which groups count, which
-candidates hold the top rank) is built once per call in a `GroupPlan`, sorted by group, so the
-fused chunk loop can take the slice of the plan that belongs to the groups of one chunk.
+candidates hold the top rank) is built once per call by `build_plan` into a `GroupPlan` (typed in
+aft_fast/options.py, where the backends read it), sorted by group, so the fused chunk loop can take the
+slice of the plan that belongs to the groups of one chunk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import torch
 import torch.nn.functional as F
 
-from aft_fast.options import LossOptions, candidate_pairs
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """Label-only structure of a batch of segments. Arrays named *_group are sorted by group.
-
-    num_groups: G, the number of distinct group ids (groups are renumbered 0..G-1).
-    num_valid:  groups with at least one pair: the denominator of L_align (global, kept by slices).
-    ref_tokens: scored tokens of reference chains: the denominator of L_vft (global, likewise).
-    seg_group:  [S] each segment's renumbered group.
-    pair_i, pair_j, pair_group: [P] candidate pairs with label[i] > label[j] (i plays the positive).
-    top_seg, top_group: [K] candidates at their group's top rank, in groups that have a pair.
-    ref_seg, ref_group: [R] reference segments.
-    """
-
-    num_groups: int
-    num_valid: int
-    ref_tokens: int
-    seg_group: torch.Tensor
-    pair_i: torch.Tensor
-    pair_j: torch.Tensor
-    pair_group: torch.Tensor
-    top_seg: torch.Tensor
-    top_group: torch.Tensor
-    ref_seg: torch.Tensor
-    ref_group: torch.Tensor
-
-    def slice_groups(self, start: int, end: int) -> GroupPlan:
-        """The part of the plan that belongs to groups start..end-1 (normalizers unchanged)."""
-
-        def cut(idx: torch.Tensor, *arrays: torch.Tensor) -> list[torch.Tensor]:
-            bounds = torch.searchsorted(idx, torch.tensor([start, end], device=idx.device)).tolist()
-            return [a[bounds[0] : bounds[1]] for a in arrays]
-
-        pair_i, pair_j, pair_group = cut(self.pair_group, self.pair_i, self.pair_j, self.pair_group)
-        top_seg, top_group = cut(self.top_group, self.top_seg, self.top_group)
-        ref_seg, ref_group = cut(self.ref_group, self.ref_seg, self.ref_group)
-        return replace(
-            self, pair_i=pair_i, pair_j=pair_j, pair_group=pair_group,
-            top_seg=top_seg, top_group=top_group, ref_seg=ref_seg, ref_group=ref_group,
-        )
+from aft_fast.options import GroupPlan, LossOptions, candidate_pairs
 
 
 def build_plan(

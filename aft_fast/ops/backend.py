@@ -2,29 +2,56 @@
 section 3).
 
 `Backend` is what every backend offers: the two passes of `linear_logprob` and the one-call forward of
-`aft_loss` (loss, parts, per-segment sums and the gradients). `ChunkPrims` is what a chunked CPU backend
-brings to the shared chunk loop (aft_fast/ops/chunk_loop.py): `aft_fast.ops.torch_chunks` and
-`aft_fast.ops.cpp_chunks` are modules of this shape. `GroupObjective` is the loss layer's part of a
-chunked `aft_forward`: the group loss of a run of whole groups, and d(loss)/d(sums) for it; a backend
-may run its own kernel for it instead (the triton backend does).
+`aft_loss` (loss, parts, per-segment sums and the gradients). `AFTCall` is everything of one `aft_loss` call
+but the three differentiable tensors, in one frozen object: the autograd Function holds it and hands it to
+the backend whole. `GroupObjective` is the group loss of a chunked `aft_forward`, one run of whole groups at
+a time: the loss layer builds it for the backend it picked (autograd on the loss math for the CPU backends,
+the group-loss kernel for triton), and every backend's `aft_forward` runs the one it is given.
+`ChunkPrims` is what a chunked CPU backend brings to the shared chunk loop (aft_fast/ops/chunk_loop.py):
+`aft_fast.ops.torch_chunks` and `aft_fast.ops.cpp_chunks` are modules of this shape.
 
-The plan and the loss options (`aft_fast.losses.objectives.GroupPlan`, `aft_fast.options.LossOptions`)
-travel through this layer as they are: the chunk loop reads only `plan.seg_group` and
-`plan.num_groups`, the triton backend's group-loss kernel the fields it launches with.
+The loss options and the group plan are typed in the ground layer (`aft_fast.options.LossOptions`,
+`GroupPlan`), so that nothing on this road is `Any`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from aft_fast.ops.logit_options import IDENTITY, LogitOptions
+from aft_fast.options import GroupPlan, LossOptions
 
 Need = tuple[bool, bool, bool]  # whether hidden, weight, bias need a gradient
 MaybeGrads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class AFTCall:
+    """One `aft_loss` call, checked (aft_fast/losses/functional.py), as the backends read it.
+
+    rows, targets, segments: [T] int64, each scored token's hidden row, token id and segment.
+    counts:    [S] float32, scored tokens per segment.
+    plan:      the label-only structure of the groups (pairs, top ranks, references).
+    options:   the loss options (mode, beta, weights, dpo_beta, pro_tau).
+    ref_logp:  [S] the frozen reference model's summed log-probs (dpo modes), or None.
+    backend:   the resolved backend name (torch | cpp | triton).
+    chunk_size: scored tokens per chunk, None: the backend's sizing.
+    post:      the logit post-processing (logit_scale, softcap, temperature; docs/design.md section 2).
+    """
+
+    rows: torch.Tensor
+    targets: torch.Tensor
+    segments: torch.Tensor
+    counts: torch.Tensor
+    plan: GroupPlan
+    options: LossOptions
+    ref_logp: torch.Tensor | None
+    backend: str
+    chunk_size: int | None = None
+    post: LogitOptions = IDENTITY
 
 
 @dataclass
@@ -33,11 +60,11 @@ class AFTResult:
     vft: torch.Tensor
     align: torch.Tensor
     sums: torch.Tensor
-    grads: tuple  # (grad_hidden, grad_weight, grad_bias) for d(loss) = 1, in the inputs' dtypes
+    grads: MaybeGrads  # (grad_hidden, grad_weight, grad_bias) for d(loss) = 1, in the inputs' dtypes
 
 
 class GroupObjective(Protocol):
-    """The group loss of a chunked `aft_forward`, one unit (a run of whole groups) at a time."""
+    """The group loss of one `aft_forward`, one unit (a run of whole groups) at a time."""
 
     def unit(self, sums: torch.Tensor, g0: int, g1: int) -> torch.Tensor | None:
         """d(loss)/d(sums) [S] for groups g0..g1-1 (their sums are final), or None if nothing of them
@@ -47,10 +74,6 @@ class GroupObjective(Protocol):
     def result(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, L_vft, L_align) once every unit has been seen."""
         ...
-
-
-# Builds a GroupObjective: (counts [S], plan, cfg, ref_logp [S] or None, need_grad) -> objective.
-ObjectiveFactory = Callable[[torch.Tensor, Any, Any, "torch.Tensor | None", bool], GroupObjective]
 
 
 class ChunkPrims(Protocol):
@@ -67,8 +90,10 @@ class ChunkPrims(Protocol):
         *,
         keep: torch.Tensor | None = None,
         keep_scale: torch.Tensor | None = None,
+        cap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logp [c], lse [c]); buf ends holding the probabilities (or keep/keep_scale do)."""
+        """(logp [c], lse [c]); buf ends holding the probabilities (or keep/keep_scale do). cap: a soft cap
+        (logits = cap * tanh(y), aft_fast/ops/logit_options.py), or None."""
         ...
 
     def chunk_grad(
@@ -146,23 +171,10 @@ class Backend(Protocol):
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        rows: torch.Tensor,
-        targets: torch.Tensor,
-        segments: torch.Tensor,
-        counts: torch.Tensor,
-        plan: Any,
-        cfg: Any,
-        ref_logp: torch.Tensor | None,
+        call: AFTCall,
         need: Need,
-        chunk_size: int | None,
-        *,
-        objective: ObjectiveFactory,
-        live_seg: torch.Tensor | None = None,
-        post: LogitOptions = IDENTITY,
+        objective: GroupObjective,
     ) -> AFTResult:
-        """Loss, its parts, per-segment sums and (where `need`) the gradients for d(loss) = 1.
-
-        objective: the loss layer's per-unit group loss; live_seg [S] bool: the segments whose gradient
-        can be nonzero (engines that skip dead rows order the others last); post: the logit
-        post-processing (docs/design.md section 2)."""
+        """Loss, its parts, per-segment sums and (where `need`) the gradients for d(loss) = 1, the group
+        loss of each unit of whole groups from `objective`."""
         ...

@@ -1,5 +1,6 @@
-"""The chunk loop of the fused operator (docs/design.md section 3), shared by the chunked
-backends, and `ChunkedBackend`, the `Backend` that runs it over a module of chunk primitives.
+"""The chunk loop of the fused operator (docs/design.md section 3), shared by the chunked backends:
+`ChunkLoop.aft_forward`, and `ChunkedBackend`, the `Backend` of a module of CPU chunk primitives, whose
+methods are the loops of `aft_loss` and `linear_logprob`.
 
 An engine runs one chunk of scored tokens at a time through one reused [chunk, V] buffer; nothing of
 size [T, V] is ever allocated:
@@ -10,31 +11,30 @@ size [T, V] is ever allocated:
       buffer in their dtype: cuBLAS products with fp32 accumulation, Triton row kernels.
 The logit post-processing (`post`, aft_fast/ops/logit_options.py) reaches `_Chunks` as a scale of the
 chunk's hidden rows and the bias (pre_scale) and a soft cap that the primitives apply (cap), the triton
-engine as arguments of its row kernels.
-Engine protocol: Engine(hidden, weight, bias, chunk_size, post); SKIP_DEAD (rows whose gradient is zero by
-construction go last in their chunk and are skipped); make_grads(need) -> fp32 accumulators;
-logprob(rows, targets, segments, sums, lse=None) -> (state, lse); grad(state, live, dsum, segments,
-targets, rows, grads) for the first `live` rows with coef = dsum[segments]; finish(grads). A prims
-module may also bring its sizing, `chunk_size(V, T, largest_group, dtype)`.
+engine as arguments of its row kernels. The engine's contract is `ChunkEngine` below.
 
-`aft_forward` orders the scored tokens by group and packs whole groups into chunks. For such a chunk
-the group loss, and so each token's d(loss)/d(logp), is known as soon as its log-probs are: the
-gradient is formed in the same pass (three matrix products). A group larger than a chunk is split
-and takes a second, recomputing pass (four products). The group loss of a chunk comes from the caller
+`ChunkLoop.aft_forward` orders the scored tokens by group and packs whole groups into chunks. For such a
+chunk the group loss, and so each token's d(loss)/d(logp), is known as soon as its log-probs are: the
+gradient is formed in the same pass (three matrix products). A group larger than a chunk is split and
+takes a second, recomputing pass (four products). The group loss of a unit comes from the caller
 (`aft_fast.ops.backend.GroupObjective`): the loss layer's autograd on the plan's slice
-(`aft_fast.losses.group_objective.TorchObjective`) or the triton backend's group-loss kernel.
+(`aft_fast.losses.group_objective.TorchObjective`) or the triton backend's group-loss kernel
+(`aft_fast.ops.triton_backend.GroupKernelObjective`). A backend that subclasses `ChunkLoop` brings its
+engine (`engine`), its sizing (`chunk_size`) and whether its engine skips dead rows (`SKIP_DEAD`: rows
+whose gradient is zero by construction then go last in their chunk and take no gradient product).
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 
-from aft_fast.ops.backend import AFTResult, ChunkPrims, Need, ObjectiveFactory
+from aft_fast.ops.backend import AFTCall, AFTResult, ChunkPrims, GroupObjective, MaybeGrads, Need
 from aft_fast.ops.logit_options import IDENTITY, LogitOptions
+from aft_fast.options import GroupPlan
 
 # One [chunk, V] fp32 buffer of about this many bytes (64 MiB: 512 tokens at V = 32000) ...
 CHUNK_BYTES = 64 * 2**20
@@ -65,7 +65,7 @@ class Grads:
     bias: torch.Tensor | None
 
     @classmethod
-    def zeros(cls, hidden, weight, bias, need: tuple[bool, bool, bool]) -> Grads:
+    def zeros(cls, hidden, weight, bias, need: Need) -> Grads:
         f32 = torch.float32
         return cls(
             torch.zeros(hidden.shape, dtype=f32, device=hidden.device) if need[0] else None,
@@ -77,20 +77,59 @@ class Grads:
     def any(self) -> bool:
         return self.hidden is not None or self.weight is not None or self.bias is not None
 
-    def cast_like(self, hidden, weight, bias) -> tuple:
+    def cast_like(self, hidden, weight, bias) -> MaybeGrads:
         def cast(g, like):
             return None if g is None else g.to(like.dtype)
 
         return cast(self.hidden, hidden), cast(self.weight, weight), cast(self.bias, bias)
 
 
+EngineState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the chunk's rows, buffer and logp or lse
+
+
+class ChunkEngine(Protocol):
+    """One call's chunk engine: its inputs and one reused [chunk, V] buffer (`_Chunks` here,
+    `aft_fast.ops.triton_chunks.Chunks` for triton)."""
+
+    def make_grads(self, need: Need) -> MaybeGrads:
+        """The gradient accumulators (fp32; None where not `need`)."""
+        ...
+
+    def logprob(
+        self,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
+        segments: torch.Tensor | None = None,
+        sums: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+    ) -> tuple[EngineState, torch.Tensor]:
+        """(state for `grad`, lse [c]) of one chunk; with `sums`, logp is added into sums[segments]; with
+        `lse` (a recompute) it is not recomputed."""
+        ...
+
+    def grad(
+        self,
+        state: EngineState,
+        live: int,
+        dsum: torch.Tensor,
+        segments: torch.Tensor,
+        targets: torch.Tensor,
+        rows: torch.Tensor,
+        grads: Grads,
+    ) -> None:
+        """Gradients of the chunk's first `live` rows for coef = dsum[segments]."""
+        ...
+
+    def finish(self, grads: Grads) -> None: ...
+
+
 class _Chunks:
     """The engine of the CPU prims: inputs upcast to fp32 once, one reused [chunk, V] fp32 buffer that
     `chunk_logprob` leaves holding the probabilities and `chunk_grad` turns into the gradient."""
 
-    SKIP_DEAD = False  # every row takes part in the gradient products (as before the engines existed)
-
-    def __init__(self, prims, hidden, weight, bias, chunk_size: int, post: LogitOptions = IDENTITY):
+    def __init__(
+        self, prims: ChunkPrims, hidden, weight, bias, chunk_size: int, post: LogitOptions = IDENTITY
+    ):
         self.prims = prims
         self.hidden = hidden
         self.weight = weight.float()
@@ -99,7 +138,7 @@ class _Chunks:
         self.bias = None if bias is None else bias.float() * self.pre if self.pre != 1.0 else bias.float()
         self.buf = torch.empty(chunk_size, weight.shape[0], dtype=torch.float32, device=weight.device)
 
-    def make_grads(self, need: tuple[bool, bool, bool]) -> tuple:
+    def make_grads(self, need: Need) -> MaybeGrads:
         g = Grads.zeros(self.hidden, self.weight, self.bias, need)
         return g.hidden, g.weight, g.bias
 
@@ -172,95 +211,12 @@ class _Chunks:
                     g.mul_(self.pre)
 
 
-def _engine(prims, hidden, weight, bias, chunk_size: int, post: LogitOptions = IDENTITY):
-    """The prims' own engine (`prims.Chunks`) or `_Chunks` over their two functions."""
-    engine = getattr(prims, "Chunks", None)
-    if engine is None:
-        return _Chunks(prims, hidden, weight, bias, chunk_size, post)
-    return engine(hidden, weight, bias, chunk_size, post)
-
-
 def kept_chunks(vocab: int, tokens: int, chunk_size: int, keep_bytes: int) -> int:
     """How many chunks, from the first, keep their probabilities within keep_bytes: 2 bytes a logit
     (fp16) and 4 a token (its scale)."""
     per_token = 2 * vocab + 4
     kept_tokens = min(tokens, keep_bytes // per_token)
     return kept_tokens // chunk_size + (kept_tokens == tokens and tokens % chunk_size != 0)
-
-
-def logprob_forward(
-    prims,
-    hidden,
-    weight,
-    bias,
-    rows,
-    targets,
-    chunk_size: int,
-    keep_bytes: int = 0,
-    post: LogitOptions = IDENTITY,
-):
-    """Per-token (logp [T], lse [T]) in fp32, one chunk of tokens at a time, and `kept`: for the first
-    chunks that fit in keep_bytes, their probabilities (keep fp16 [c, V], keep_scale [c]), flat. With a
-    soft cap nothing is kept (the gradient needs each logit's tanh, which kept probabilities lack):
-    backward recomputes."""
-    chunks = _Chunks(prims, hidden, weight, bias, chunk_size, post)
-    T = rows.numel()
-    logp = torch.empty(T, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty_like(logp)
-    n_kept = kept_chunks(weight.shape[0], T, chunk_size, keep_bytes) if post.cap is None else 0
-    kept = []
-    for i, start in enumerate(range(0, T, chunk_size)):
-        sl = slice(start, start + chunk_size)
-        if i < n_kept:
-            logp[sl], lse[sl], keep, keep_scale = chunks.logprob_keep(rows[sl], targets[sl])
-            kept += [keep, keep_scale]
-        else:
-            state, lse[sl] = chunks.logprob(rows[sl], targets[sl])
-            logp[sl] = state[2]
-    return logp, lse, kept
-
-
-def logprob_backward(
-    prims,
-    hidden,
-    weight,
-    bias,
-    rows,
-    targets,
-    lse,
-    coef,
-    need,
-    chunk_size: int,
-    logp=None,
-    kept=(),
-    post: LogitOptions = IDENTITY,
-):
-    """Gradients for d(loss)/d(logp) = coef [T]: from the kept probabilities of the first chunks (two
-    products each), recomputing the other chunks' logits from `lse` (three). Tokens with coef 0 (a
-    segment the caller's loss does not use) are left out of every product; a chunk of them is skipped."""
-    chunks = _Chunks(prims, hidden, weight, bias, chunk_size, post)
-    grads = Grads.zeros(hidden, weight, bias, need)
-    live = coef != 0
-    every = bool(live.all())
-    for i, start in enumerate(range(0, rows.numel(), chunk_size)):
-        sl = slice(start, start + chunk_size)
-        pick = None  # positions within the chunk that take part, None: all of them
-        if not every:
-            pick = live[sl].nonzero().squeeze(1)
-            if pick.numel() == 0:
-                continue
-            if pick.numel() == live[sl].numel():
-                pick = None
-
-        c_rows, c_targets, c_coef = (_take(t[sl], pick) for t in (rows, targets, coef))
-        if 2 * i < len(kept):
-            keep, keep_scale = (_take(t, pick) for t in kept[2 * i : 2 * i + 2])
-            chunks.grad_kept(keep, keep_scale, _take(logp[sl], pick), c_coef, c_targets, c_rows, grads)
-        else:
-            state, _ = chunks.logprob(c_rows, c_targets, lse=_take(lse[sl], pick))
-            chunks.grad_rows(state, c_coef, c_targets, c_rows, grads)
-    chunks.finish(grads)
-    return grads.cast_like(hidden, weight, bias)
 
 
 def _take(t: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
@@ -292,7 +248,13 @@ class Unit:
     live: int
 
 
-def plan_chunks(plan: Any, segments: torch.Tensor, chunk_size: int | None, sizing, live_seg=None):
+def plan_chunks(
+    plan: GroupPlan,
+    segments: torch.Tensor,
+    chunk_size: int | None,
+    sizing: Callable[[int], int] | None,
+    live_seg: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[Unit], int]:
     """(order [T], units, chunk_size): the scored tokens ordered by group, whole groups packed into units.
 
     chunk_size None: sizing(largest group's token count). With live_seg [S] (engines that skip dead
@@ -309,6 +271,7 @@ def plan_chunks(plan: Any, segments: torch.Tensor, chunk_size: int | None, sizin
             [torch.bincount(tok_group, minlength=G), torch.bincount(tok_group[tok_live], minlength=G)]
         ).tolist()
     if chunk_size is None:
+        assert sizing is not None  # a chunk size or a way to find one
         chunk_size = sizing(max(group_tokens, default=0))
     chunk_size = max(1, chunk_size)
     units = [
@@ -323,164 +286,150 @@ def plan_chunks(plan: Any, segments: torch.Tensor, chunk_size: int | None, sizin
     return torch.argsort(key, stable=True), units, chunk_size
 
 
-def aft_forward(
-    prims,
-    hidden,
-    weight,
-    bias,
-    rows,
-    targets,
-    segments,
-    counts,
-    plan: Any,
-    cfg: Any,
-    ref_logp,
-    need: Need,
-    chunk_size: int | None,
-    *,
-    objective: ObjectiveFactory,
-    live_seg=None,
-    post: LogitOptions = IDENTITY,
-) -> AFTResult:
-    """Loss, its parts, per-segment sums, and (when `need`) the gradients, all in one call.
+class ChunkLoop:
+    """`aft_forward` as the chunk loop, for the backends that run it: a subclass brings its engine
+    (`engine`), its default chunk (`chunk_size`) and `SKIP_DEAD` (see the module docstring)."""
 
-    prims: chunk primitives (`chunk_logprob`, `chunk_grad`, run by `_Chunks`) or a module with its own
-    engine `Chunks` and sizing `chunk_size(V, T, largest_group, dtype)` (aft_fast.ops.triton_chunks).
-    chunk_size None: the prims' sizing (`group_chunk_size` by default), so that chunks hold whole groups
-    where memory allows. objective: builds the per-unit group loss (`GroupObjective`). live_seg [S] bool:
-    the segments whose gradient can be nonzero; engines that skip dead rows (SKIP_DEAD) order the others
-    last in their chunk.
-    """
-    engine = getattr(prims, "Chunks", _Chunks)
-    vocab, tokens = weight.shape[0], rows.numel()
-    sizing = getattr(prims, "chunk_size", None)
-    if sizing is None:
+    SKIP_DEAD = False  # every row takes part in the gradient products
 
-        def sizing(largest):
-            return group_chunk_size(vocab, tokens, largest)
-    else:
-        sizing = functools.partial(sizing, vocab, tokens, dtype=weight.dtype)
-    live_seg = live_seg if engine.SKIP_DEAD and any(need) else None
-    order, units, chunk_size = plan_chunks(plan, segments, chunk_size, sizing, live_seg)
-    rows, targets, segments = rows[order], targets[order], segments[order]
+    def engine(self, hidden, weight, bias, chunk_size: int, post: LogitOptions) -> ChunkEngine:
+        raise NotImplementedError
 
-    chunks = _engine(prims, hidden, weight, bias, chunk_size, post)
-    grads = Grads(*chunks.make_grads(need))
-    sums = torch.zeros(counts.numel(), dtype=torch.float32, device=hidden.device)
-    loss_fn = objective(counts, plan, cfg, ref_logp, grads.any)
+    def chunk_size(self, vocab: int, tokens: int, largest_group: int, dtype: torch.dtype) -> int:
+        """Tokens per chunk when the call gives none: the default, grown to hold the largest group."""
+        return group_chunk_size(vocab, tokens, largest_group)
 
-    state = None
-    for unit in units:
-        spans = [(a, min(a + chunk_size, unit.t1)) for a in range(unit.t0, unit.t1, chunk_size)]
-        one_pass = len(spans) == 1
-        lses = []
-        for a, b in spans:
-            state, lse = chunks.logprob(rows[a:b], targets[a:b], segments[a:b], sums)
-            lses.append(lse)
-        dsum = loss_fn.unit(sums, unit.g0, unit.g1)
-        if dsum is None or not grads.any:
-            continue
-        for (a, b), lse in zip(spans, lses, strict=True):
-            live = min(max(unit.t0 + unit.live - a, 0), b - a)  # the unit's live rows are its first ones
-            if live == 0:
+    def aft_forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        call: AFTCall,
+        need: Need,
+        objective: GroupObjective,
+    ) -> AFTResult:
+        """Loss, its parts, per-segment sums, and (where `need`) the gradients, all in one call: the scored
+        tokens in units of whole groups, each unit's group loss from `objective` once its sums are final.
+        call.chunk_size None: `chunk_size`, so that chunks hold whole groups where memory allows."""
+        vocab, tokens = weight.shape[0], call.rows.numel()
+        live_seg = call.plan.live_segments(call.options) if self.SKIP_DEAD and any(need) else None
+
+        def sizing(largest: int) -> int:
+            return self.chunk_size(vocab, tokens, largest, weight.dtype)
+
+        order, units, chunk_size = plan_chunks(call.plan, call.segments, call.chunk_size, sizing, live_seg)
+        rows, targets, segments = call.rows[order], call.targets[order], call.segments[order]
+
+        chunks = self.engine(hidden, weight, bias, chunk_size, call.post)
+        grads = Grads(*chunks.make_grads(need))
+        sums = torch.zeros(call.counts.numel(), dtype=torch.float32, device=hidden.device)
+        state = None
+        for unit in units:
+            spans = [(a, min(a + chunk_size, unit.t1)) for a in range(unit.t0, unit.t1, chunk_size)]
+            one_pass = len(spans) == 1
+            lses = []
+            for a, b in spans:
+                state, lse = chunks.logprob(rows[a:b], targets[a:b], segments[a:b], sums)
+                lses.append(lse)
+            dsum = objective.unit(sums, unit.g0, unit.g1)
+            if dsum is None or not grads.any:
                 continue
-            if not one_pass:  # recompute the logits of this chunk's live rows
-                state, _ = chunks.logprob(rows[a : a + live], targets[a : a + live], lse=lse[:live])
-            chunks.grad(state, live, dsum, segments[a:b], targets[a:b], rows[a:b], grads)
+            for (a, b), lse in zip(spans, lses, strict=True):
+                live = min(max(unit.t0 + unit.live - a, 0), b - a)  # the unit's live rows are its first ones
+                if live == 0:
+                    continue
+                if not one_pass:  # recompute the logits of this chunk's live rows
+                    state, _ = chunks.logprob(rows[a : a + live], targets[a : a + live], lse=lse[:live])
+                assert state is not None
+                chunks.grad(state, live, dsum, segments[a:b], targets[a:b], rows[a:b], grads)
 
-    chunks.finish(grads)
-    del chunks, state  # free the [chunk, V] buffer before the gradients are cast
-    loss, vft, align = loss_fn.result(sums)
-    return AFTResult(loss, vft, align, sums=sums, grads=grads.cast_like(hidden, weight, bias))
+        chunks.finish(grads)
+        del chunks, state  # free the [chunk, V] buffer before the gradients are cast
+        loss, vft, align = objective.result(sums)
+        return AFTResult(loss, vft, align, sums=sums, grads=grads.cast_like(hidden, weight, bias))
 
 
-class ChunkedBackend:
-    """The `Backend` of a module of chunk primitives (`ChunkPrims`: torch_chunks, cpp_chunks) run by the
-    chunk loop above."""
+class ChunkedBackend(ChunkLoop):
+    """The `Backend` of a module of CPU chunk primitives (`ChunkPrims`: torch_chunks, cpp_chunks), run by
+    the engine `_Chunks`: `aft_forward` is the chunk loop above, `logprob_forward` and `logprob_backward`
+    the two passes of `linear_logprob`."""
 
     def __init__(self, prims: ChunkPrims):
         self.prims = prims
 
+    def engine(self, hidden, weight, bias, chunk_size: int, post: LogitOptions) -> _Chunks:
+        return _Chunks(self.prims, hidden, weight, bias, chunk_size, post)
+
     def logprob_forward(
         self,
-        hidden,
-        weight,
-        bias,
-        rows,
-        targets,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
         chunk_size: int,
         keep_bytes: int = 0,
         post: LogitOptions = IDENTITY,
-    ):
-        return logprob_forward(
-            self.prims, hidden, weight, bias, rows, targets, chunk_size, keep_bytes, post=post
-        )
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Per-token (logp [T], lse [T]) in fp32, one chunk of tokens at a time, and `kept`: for the first
+        chunks that fit in keep_bytes, their probabilities (keep fp16 [c, V], keep_scale [c]), flat. With a
+        soft cap nothing is kept (the gradient needs each logit's tanh, which kept probabilities lack):
+        backward recomputes."""
+        chunks = self.engine(hidden, weight, bias, chunk_size, post)
+        T = rows.numel()
+        logp = torch.empty(T, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+        n_kept = kept_chunks(weight.shape[0], T, chunk_size, keep_bytes) if post.cap is None else 0
+        kept: list[torch.Tensor] = []
+        for i, start in enumerate(range(0, T, chunk_size)):
+            sl = slice(start, start + chunk_size)
+            if i < n_kept:
+                logp[sl], lse[sl], keep, keep_scale = chunks.logprob_keep(rows[sl], targets[sl])
+                kept += [keep, keep_scale]
+            else:
+                state, lse[sl] = chunks.logprob(rows[sl], targets[sl])
+                logp[sl] = state[2]
+        return logp, lse, kept
 
     def logprob_backward(
         self,
-        hidden,
-        weight,
-        bias,
-        rows,
-        targets,
-        lse,
-        coef,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
+        lse: torch.Tensor,
+        coef: torch.Tensor,
         need: Need,
         chunk_size: int,
-        logp=None,
-        kept=(),
+        logp: torch.Tensor | None = None,
+        kept: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
         post: LogitOptions = IDENTITY,
-    ):
-        return logprob_backward(
-            self.prims,
-            hidden,
-            weight,
-            bias,
-            rows,
-            targets,
-            lse,
-            coef,
-            need,
-            chunk_size,
-            logp=logp,
-            kept=kept,
-            post=post,
-        )
+    ) -> MaybeGrads:
+        """Gradients for d(loss)/d(logp) = coef [T]: from the kept probabilities of the first chunks (two
+        products each), recomputing the other chunks' logits from `lse` (three). Tokens with coef 0 (a
+        segment the caller's loss does not use) are left out of every product; a chunk of them is skipped."""
+        chunks = self.engine(hidden, weight, bias, chunk_size, post)
+        grads = Grads.zeros(hidden, weight, bias, need)
+        live = coef != 0
+        every = bool(live.all())
+        for i, start in enumerate(range(0, rows.numel(), chunk_size)):
+            sl = slice(start, start + chunk_size)
+            pick = None  # positions within the chunk that take part, None: all of them
+            if not every:
+                pick = live[sl].nonzero().squeeze(1)
+                if pick.numel() == 0:
+                    continue
+                if pick.numel() == live[sl].numel():
+                    pick = None
 
-    def aft_forward(
-        self,
-        hidden,
-        weight,
-        bias,
-        rows,
-        targets,
-        segments,
-        counts,
-        plan,
-        cfg,
-        ref_logp,
-        need: Need,
-        chunk_size: int | None,
-        *,
-        objective: ObjectiveFactory,
-        live_seg=None,
-        post: LogitOptions = IDENTITY,
-    ) -> AFTResult:
-        return aft_forward(
-            self.prims,
-            hidden,
-            weight,
-            bias,
-            rows,
-            targets,
-            segments,
-            counts,
-            plan,
-            cfg,
-            ref_logp,
-            need,
-            chunk_size,
-            objective=objective,
-            live_seg=live_seg,
-            post=post,
-        )
+            c_rows, c_targets, c_coef = (_take(t[sl], pick) for t in (rows, targets, coef))
+            if 2 * i < len(kept):
+                assert logp is not None  # kept probabilities come with their log-probs
+                keep, keep_scale = (_take(t, pick) for t in kept[2 * i : 2 * i + 2])
+                chunks.grad_kept(keep, keep_scale, _take(logp[sl], pick), c_coef, c_targets, c_rows, grads)
+            else:
+                state, _ = chunks.logprob(c_rows, c_targets, lse=_take(lse[sl], pick))
+                chunks.grad_rows(state, c_coef, c_targets, c_rows, grads)
+        chunks.finish(grads)
+        return grads.cast_like(hidden, weight, bias)

@@ -1,10 +1,11 @@
-"""The `triton` backend of the fused operators: `TritonBackend`, the three functions of
-`aft_fast.ops.backend.Backend`, and the host code around the Triton kernels (kernels/).
+"""The `triton` backend of the fused operators: `TritonBackend`, whose methods are the three of
+`aft_fast.ops.backend.Backend`, the host code around the Triton kernels (kernels/), and
+`GroupKernelObjective`, the group loss of its calls (the group-loss kernel).
 
 `aft_forward` has two strategies, picked by STRATEGY (the environment variable AFT_FAST_TRITON_STRATEGY
 sets it at import; the benchmark sets the attribute):
 
-"chunked" (default): the chunk loop of `chunk_loop.py` with the engine of `aft_fast.ops.triton_chunks`.
+"chunked" (default): the chunk loop (`chunk_loop.ChunkLoop`) with the engine of `aft_fast.ops.triton_chunks`.
 Chunks hold whole groups (a 512 MiB logits buffer in the input dtype, grown to 1 GiB for a large
 group), so each chunk's group loss, and with it every token's d(loss)/d(logp), is known once its
 log-probs are, and the gradient is formed in the same pass: three cuBLAS products per chunk (logits,
@@ -18,7 +19,8 @@ fp32 gradient accumulators: the buffer, O(chunk x H) and O(T).
 and gradients is O(T) whatever the size of the batch (`chunk_size` is ignored). Four launches:
     linear_logprob_fwd   per-token log-prob and log-sum-exp (one product: hidden @ weight^T)
     segment sums         index_add over tokens, then L_vft on the host (tiny)
-    group_loss_fwd       every group's loss and d(loss)/d(sum), one program per group
+    group loss           every group's loss and d(loss)/d(sum), one program per group (the same
+                         `GroupKernelObjective`, on all groups at once)
     linear_logprob_bwd   recomputed logits -> grad_hidden, grad_weight, grad_bias (three products)
 Tokens whose d(loss)/d(logp) is zero (groups without pairs, candidates in mode vft) are dropped before the
 backward launch, as for every ignored token (docs/design.md section 3). `linear_logprob` runs
@@ -40,29 +42,30 @@ at import.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 import triton
 
 from aft_fast.kernels import group_loss
 from aft_fast.kernels.chunk_softmax import chunk_softmax_fwd
-from aft_fast.kernels.group_loss import group_loss_fwd
 from aft_fast.kernels.linear_logprob import check_inputs, linear_logprob_fwd
 from aft_fast.kernels.linear_logprob_bwd import linear_logprob_bwd
-from aft_fast.ops import chunk_loop, triton_chunks
-from aft_fast.ops.backend import AFTResult, Need, ObjectiveFactory
-from aft_fast.ops.chunk_loop import Grads
+from aft_fast.ops import triton_chunks
+from aft_fast.ops.backend import AFTCall, AFTResult, GroupObjective, MaybeGrads, Need
+from aft_fast.ops.chunk_loop import ChunkLoop, Grads
 from aft_fast.ops.logit_options import IDENTITY, LogitOptions
+from aft_fast.options import GroupPlan
 
 GRAD_FILTER: str = os.environ.get("AFT_FAST_GRAD_FILTER", "exact")
 STRATEGIES = ("chunked", "fused")
 STRATEGY: str = os.environ.get("AFT_FAST_TRITON_STRATEGY", "chunked")
 
 
-def _cast(grads, hidden, weight, bias) -> tuple:
-    pairs = zip(grads, (hidden, weight, bias), strict=True)
-    return tuple(None if g is None else g.to(like.dtype) for g, like in pairs)
+def _cast(grads, hidden, weight, bias) -> MaybeGrads:
+    g_hidden, g_weight, g_bias = (
+        None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias), strict=True)
+    )
+    return g_hidden, g_weight, g_bias
 
 
 def kept_tokens(vocab: int, tokens: int, dtype: torch.dtype, keep_bytes: int) -> int:
@@ -70,46 +73,9 @@ def kept_tokens(vocab: int, tokens: int, dtype: torch.dtype, keep_bytes: int) ->
     return min(tokens, keep_bytes // (vocab * torch.finfo(dtype).bits // 8))
 
 
-def logprob_forward(
-    hidden,
-    weight,
-    bias,
-    rows,
-    targets,
-    chunk_size: int | None,
-    keep_bytes: int = 0,
-    post: LogitOptions = IDENTITY,
-):
-    """(logp [T], lse [T]) fp32, and `kept`: the logits [n, V] in the input dtype of the first n tokens
-    that fit in keep_bytes (`kept_tokens`), or nothing.
-
-    The kept tokens' logits are one cuBLAS product written straight into the kept tensor, their logp and
-    lse the row kernel `chunk_softmax_fwd` on it; the other tokens take the fused `linear_logprob_fwd`,
-    which keeps no logits (`chunk_size` is unused: the fused kernels need no chunks).
-    """
-    kw = post.kernel_kwargs()  # the kept logits are z: the kernels apply the post-processing as they read
-    n = kept_tokens(weight.shape[0], rows.numel(), weight.dtype, keep_bytes) if keep_bytes else 0
-    if n == 0:
-        logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets, **kw)
-        return logp, lse, []
-    check_inputs(hidden, weight, bias, rows, targets)
-    h = hidden.index_select(0, rows[:n])
-    logits = torch.empty(n, weight.shape[0], dtype=weight.dtype, device=weight.device)
-    if bias is None:
-        torch.mm(h, weight.t(), out=logits)
-    else:
-        torch.addmm(bias, h, weight.t(), out=logits)
-    del h
-    logp, lse = chunk_softmax_fwd(logits, targets[:n], **kw)
-    if n < rows.numel():
-        rest = linear_logprob_fwd(hidden, weight, bias, rows[n:], targets[n:], **kw)
-        logp, lse = (torch.cat([kept, other]) for kept, other in zip((logp, lse), rest, strict=True))
-    return logp, lse, [logits]
-
-
 def _fused_grads(
-    hidden, weight, bias, rows, targets, lse, coef, need, post: LogitOptions = IDENTITY
-) -> tuple:
+    hidden, weight, bias, rows, targets, lse, coef, need: Need, post: LogitOptions = IDENTITY
+) -> MaybeGrads:
     """fp32 gradients of sum_t coef[t] * logp[t] by the fused `linear_logprob_bwd` (recomputed logits)."""
     live = coef != 0
     if not bool(live.all()):  # drop the tokens that cannot contribute before the launch
@@ -166,43 +132,7 @@ def _kept_grads(
     return grads
 
 
-def logprob_backward(
-    hidden,
-    weight,
-    bias,
-    rows,
-    targets,
-    lse,
-    coef,
-    need,
-    chunk_size: int | None,
-    logp=None,
-    kept=(),
-    post: LogitOptions = IDENTITY,
-):
-    """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where need[i] is False).
-
-    kept: `logprob_forward`'s; its n tokens take two products from their logits (`_kept_grads`), the
-    others the fused `linear_logprob_bwd`, whose fp32 gradients then accumulate the kept tokens' part
-    (one fp32 accumulator per input in either case).
-    """
-    if not kept:
-        return _cast(
-            _fused_grads(hidden, weight, bias, rows, targets, lse, coef, need, post), hidden, weight, bias
-        )
-    n = kept[0].shape[0]
-    grads = None
-    if n < rows.numel():
-        grads = Grads(
-            *_fused_grads(hidden, weight, bias, rows[n:], targets[n:], lse[n:], coef[n:], need, post)
-        )
-    grads = _kept_grads(
-        hidden, weight, bias, rows[:n], targets[:n], lse[:n], coef[:n], kept[0], need, grads, post
-    )
-    return grads.cast_like(hidden, weight, bias)
-
-
-def group_csr(plan: Any, members: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def group_csr(plan: GroupPlan, members: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The plan as CSR by group: [G + 1] offsets into members, pairs and top-rank candidates.
 
     members: [S] bool, the segments listed as members (default: all). The plan's pair and top arrays
@@ -229,55 +159,26 @@ def group_csr(plan: Any, members: torch.Tensor | None = None) -> dict[str, torch
     )
 
 
-def objective_with_grad(
-    sums: torch.Tensor, counts: torch.Tensor, plan: Any, cfg: Any, ref_logp: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, L_vft, L_align, d(loss)/d(sums) [S]) for sums [S] fp32: `objectives.objective` with its
-    gradient, the align part computed by the group-loss kernel."""
-    zero = sums.new_zeros(())
-    dsum = torch.zeros_like(sums)
-    vft = zero
-    if plan.ref_tokens:
-        vft = -sums[plan.ref_seg].sum() / plan.ref_tokens
-        dsum[plan.ref_seg] = -cfg.w_vft / plan.ref_tokens
-    align = zero
-    if cfg.mode != "vft" and plan.num_valid and plan.pair_i.numel():
-        group_loss, dalign = group_loss_fwd(
-            sums,
-            counts,
-            ref_logp,
-            **group_csr(plan),
-            mode=cfg.base,
-            boundary_constraint=cfg.boundary_constraint,
-            beta=cfg.beta,
-            dpo_beta=cfg.dpo_beta,
-            pro_tau=cfg.pro_tau,
-            scale=cfg.w_align / plan.num_valid,
-        )
-        align = group_loss.sum() / plan.num_valid
-        dsum += dalign
-    return cfg.w_vft * vft + cfg.w_align * align, vft, align, dsum
-
-
 class GroupKernelObjective:
-    """The per-chunk objective of the chunked strategy (a `GroupObjective`, in the place of the loss
-    layer's `TorchObjective`): the group-loss kernel on the chunk's groups, writing their candidates'
-    d(loss)/d(sum) into one [S] buffer that already holds the references' constant -w_vft / ref_tokens;
-    the losses are summed once at the end. Block sizes are fixed once per call (one host sync), so a chunk
-    launches one kernel and syncs nothing."""
+    """The group loss of a triton call (a `GroupObjective`): the group-loss kernel (kernels/group_loss.py)
+    on each unit's groups, writing their candidates' d(loss)/d(sum) into one [S] buffer that already holds
+    the references' constant -w_vft / ref_tokens; the losses are summed once at the end. Block sizes are
+    fixed once per call (one host sync), so a unit launches one kernel and syncs nothing. The fused
+    strategy runs it on all groups at once."""
 
-    def __init__(self, counts, plan: Any, cfg: Any, ref_logp, need_grad: bool):
+    def __init__(self, call: AFTCall):
+        plan, options, counts = call.plan, call.options, call.counts
         f32 = dict(dtype=torch.float32, device=counts.device)
-        self.plan, self.cfg = plan, cfg
+        self.plan, self.options = plan, options
         self.counts = counts.to(torch.float32).contiguous()
         self.dsum = torch.zeros(counts.numel(), **f32)
         if plan.ref_tokens:
-            self.dsum[plan.ref_seg] = -cfg.w_vft / plan.ref_tokens
+            self.dsum[plan.ref_seg] = -options.w_vft / plan.ref_tokens
         self.group_loss = torch.zeros(plan.num_groups, **f32)
-        self.active = cfg.mode != "vft" and plan.num_valid > 0 and plan.pair_i.numel() > 0
+        self.active = options.mode != "vft" and plan.num_valid > 0 and plan.pair_i.numel() > 0
         if not self.active:
             return
-        if cfg.base == "dpo" and ref_logp is None:
+        if options.base == "dpo" and call.ref_logp is None:
             raise ValueError("ref_logp: mode 'dpo' needs the reference log-prob of each segment")
         candidates = torch.ones(counts.numel(), dtype=torch.bool, device=counts.device)
         candidates[plan.ref_seg] = False  # references are not members: their dsum entry stays put
@@ -292,166 +193,172 @@ class GroupKernelObjective:
         block_m = triton.next_power_of_2(most_members)
         block_p = min(triton.next_power_of_2(most_pairs), max(1, group_loss.MAX_TILE // block_m))
         self.blocks = (block_m, block_p, triton.next_power_of_2(most_tops))
-        self.ref = None if ref_logp is None else ref_logp.to(torch.float32).contiguous()
+        self.ref = None if call.ref_logp is None else call.ref_logp.to(torch.float32).contiguous()
 
     def unit(self, sums: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
+        """Launches the kernel on groups g0..g1-1 only: the CSR offsets from g0 on give it group-local
+        program ids; it writes group_loss[g0:g1] and dsum of those groups' members."""
         if self.active:
-            cfg = self.cfg
-            triton_chunks.group_loss_range(
-                g0,
-                g1,
+            options, csr = self.options, self.csr
+            group_loss.launch_group_loss(
+                g1 - g0,
                 sums,
                 self.counts,
-                sums if self.ref is None else self.ref,
-                **self.csr,
-                group_loss_out=self.group_loss,
-                dsum=self.dsum,
-                mode=group_loss.MODES[cfg.base],
-                has_bc=cfg.boundary_constraint,
-                beta=cfg.beta,
-                dpo_beta=cfg.dpo_beta,
-                inv_tau=1.0 / cfg.pro_tau,
-                scale=cfg.w_align / self.plan.num_valid,
+                sums if self.ref is None else self.ref,  # ref: unread unless dpo
+                csr["member_ptr"][g0:],
+                csr["member_seg"],
+                csr["pair_ptr"][g0:],
+                csr["pair_i"],
+                csr["pair_j"],
+                csr["top_ptr"][g0:],
+                csr["top_seg"],
+                self.group_loss[g0:],
+                self.dsum,
+                mode=group_loss.MODES[options.base],
+                has_bc=options.boundary_constraint,
+                beta=options.beta,
+                dpo_beta=options.dpo_beta,
+                inv_tau=1.0 / options.pro_tau,
+                scale=options.w_align / self.plan.num_valid,
                 blocks=self.blocks,
             )
         return self.dsum
 
     def result(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        plan, cfg = self.plan, self.cfg
+        plan, options = self.plan, self.options
         zero = sums.new_zeros(())
         vft = -sums[plan.ref_seg].sum() / plan.ref_tokens if plan.ref_tokens else zero
         align = self.group_loss.sum() / plan.num_valid if self.active else zero
-        return cfg.w_vft * vft + cfg.w_align * align, vft, align
+        return options.w_vft * vft + options.w_align * align, vft, align
 
 
-def aft_forward(
-    hidden,
-    weight,
-    bias,
-    rows,
-    targets,
-    segments,
-    counts,
-    plan: Any,
-    cfg: Any,
-    ref_logp,
-    need: Need,
-    chunk_size: int | None,
-    *,
-    objective: ObjectiveFactory | None = None,
-    live_seg=None,
-    post: LogitOptions = IDENTITY,
-) -> AFTResult:
-    """Loss, its parts, per-segment sums and (where `need`) the gradients for d(loss) = 1.
+class TritonBackend(ChunkLoop):
+    """The `Backend` of the Triton kernels. Its methods read STRATEGY and GRAD_FILTER, module attributes
+    that a benchmark or a test may set, at each call."""
 
-    STRATEGY "chunked": chunk_size None sizes the chunks by `triton_chunks.chunk_size`; "fused" ignores it.
-    The group loss is the group-loss kernel's in both (`objective`, the loss layer's, is not used).
-    """
-    if STRATEGY not in STRATEGIES:
-        raise ValueError(
-            f"AFT_FAST_TRITON_STRATEGY: expected one of {', '.join(STRATEGIES)}, got {STRATEGY!r}"
-        )
-    if STRATEGY == "chunked":
-        check_inputs(hidden, weight, bias, rows, targets)
-        return chunk_loop.aft_forward(
-            triton_chunks,
-            hidden,
-            weight,
-            bias,
-            rows,
-            targets,
-            segments,
-            counts,
-            plan,
-            cfg,
-            ref_logp,
-            need,
-            chunk_size,
-            objective=GroupKernelObjective,
-            live_seg=live_seg,
-            post=post,
-        )
-    logp, lse, _ = logprob_forward(hidden, weight, bias, rows, targets, chunk_size, post=post)
-    sums = torch.zeros(counts.numel(), dtype=torch.float32, device=hidden.device)
-    sums.index_add_(0, segments, logp)
-    loss, vft, align, dsum = objective_with_grad(sums, counts.float(), plan, cfg, ref_logp)
-    grads = (None, None, None)
-    if any(need):
-        grads = logprob_backward(
-            hidden, weight, bias, rows, targets, lse, dsum[segments], need, chunk_size, post=post
-        )
-    return AFTResult(loss=loss, vft=vft, align=align, sums=sums, grads=grads)
+    SKIP_DEAD = True  # the loop orders rows without gradient last in their chunk; the engine skips them
 
+    def engine(self, hidden, weight, bias, chunk_size: int, post: LogitOptions) -> triton_chunks.Chunks:
+        return triton_chunks.Chunks(hidden, weight, bias, chunk_size, post)
 
-class TritonBackend:
-    """The `Backend` of this module's functions (looked up at call time: STRATEGY and GRAD_FILTER are
-    module attributes that a benchmark or a test may set)."""
+    def chunk_size(self, vocab: int, tokens: int, largest_group: int, dtype: torch.dtype) -> int:
+        return triton_chunks.chunk_size(vocab, tokens, largest_group, dtype)
 
     def logprob_forward(
         self,
-        hidden,
-        weight,
-        bias,
-        rows,
-        targets,
-        chunk_size: int,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_size: int | None,
         keep_bytes: int = 0,
         post: LogitOptions = IDENTITY,
-    ):
-        return logprob_forward(hidden, weight, bias, rows, targets, chunk_size, keep_bytes, post=post)
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(logp [T], lse [T]) fp32, and `kept`: the logits [n, V] in the input dtype of the first n tokens
+        that fit in keep_bytes (`kept_tokens`), or nothing.
+
+        The kept tokens' logits are one cuBLAS product written straight into the kept tensor, their logp
+        and lse the row kernel `chunk_softmax_fwd` on it; the other tokens take the fused
+        `linear_logprob_fwd`, which keeps no logits (`chunk_size` is unused: the fused kernels need no
+        chunks).
+        """
+        kw = post.kernel_kwargs()  # the kept logits are z: the kernels apply the post-processing as they read
+        n = kept_tokens(weight.shape[0], rows.numel(), weight.dtype, keep_bytes) if keep_bytes else 0
+        if n == 0:
+            logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets, **kw)
+            return logp, lse, []
+        check_inputs(hidden, weight, bias, rows, targets)
+        h = hidden.index_select(0, rows[:n])
+        logits = torch.empty(n, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        if bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        del h
+        logp, lse = chunk_softmax_fwd(logits, targets[:n], **kw)
+        if n < rows.numel():
+            rest = linear_logprob_fwd(hidden, weight, bias, rows[n:], targets[n:], **kw)
+            logp, lse = (torch.cat([kept, other]) for kept, other in zip((logp, lse), rest, strict=True))
+        return logp, lse, [logits]
 
     def logprob_backward(
         self,
-        hidden,
-        weight,
-        bias,
-        rows,
-        targets,
-        lse,
-        coef,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
+        lse: torch.Tensor,
+        coef: torch.Tensor,
         need: Need,
-        chunk_size: int,
-        logp=None,
-        kept=(),
+        chunk_size: int | None,
+        logp: torch.Tensor | None = None,
+        kept: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
         post: LogitOptions = IDENTITY,
-    ):
-        return logprob_backward(
-            hidden, weight, bias, rows, targets, lse, coef, need, chunk_size, logp=logp, kept=kept, post=post
+    ) -> MaybeGrads:
+        """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where need[i] is False).
+
+        kept: `logprob_forward`'s; its n tokens take two products from their logits (`_kept_grads`), the
+        others the fused `linear_logprob_bwd`, whose fp32 gradients then accumulate the kept tokens' part
+        (one fp32 accumulator per input in either case).
+        """
+        if not kept:
+            fused = _fused_grads(hidden, weight, bias, rows, targets, lse, coef, need, post)
+            return _cast(fused, hidden, weight, bias)
+        n = kept[0].shape[0]
+        grads = None
+        if n < rows.numel():
+            grads = Grads(
+                *_fused_grads(hidden, weight, bias, rows[n:], targets[n:], lse[n:], coef[n:], need, post)
+            )
+        grads = _kept_grads(
+            hidden, weight, bias, rows[:n], targets[:n], lse[:n], coef[:n], kept[0], need, grads, post
         )
+        return grads.cast_like(hidden, weight, bias)
 
     def aft_forward(
         self,
-        hidden,
-        weight,
-        bias,
-        rows,
-        targets,
-        segments,
-        counts,
-        plan,
-        cfg,
-        ref_logp,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        call: AFTCall,
         need: Need,
-        chunk_size: int | None,
-        *,
-        objective: ObjectiveFactory | None = None,
-        live_seg=None,
-        post: LogitOptions = IDENTITY,
+        objective: GroupObjective,
     ) -> AFTResult:
-        return aft_forward(
-            hidden,
-            weight,
-            bias,
-            rows,
-            targets,
-            segments,
-            counts,
-            plan,
-            cfg,
-            ref_logp,
-            need,
-            chunk_size,
-            objective=objective,
-            live_seg=live_seg,
-            post=post,
+        """Loss, its parts, per-segment sums and (where `need`) the gradients for d(loss) = 1, the group loss
+        from `objective` (`GroupKernelObjective` as the loss layer builds it for this backend).
+
+        STRATEGY "chunked": the chunk loop, chunk_size None sized by `triton_chunks.chunk_size`. "fused"
+        (chunk_size unused): the fused forward kernel, the group loss of all groups, the fused backward.
+        """
+        if STRATEGY not in STRATEGIES:
+            raise ValueError(
+                f"AFT_FAST_TRITON_STRATEGY: expected one of {', '.join(STRATEGIES)}, got {STRATEGY!r}"
+            )
+        check_inputs(hidden, weight, bias, call.rows, call.targets)
+        if STRATEGY == "chunked":
+            return super().aft_forward(hidden, weight, bias, call, need, objective)
+        logp, lse, _ = self.logprob_forward(
+            hidden, weight, bias, call.rows, call.targets, None, post=call.post
         )
+        sums = torch.zeros(call.counts.numel(), dtype=torch.float32, device=hidden.device)
+        sums.index_add_(0, call.segments, logp)
+        dsum = objective.unit(sums, 0, call.plan.num_groups)
+        loss, vft, align = objective.result(sums)
+        grads: MaybeGrads = (None, None, None)
+        if any(need):
+            coef = torch.zeros_like(sums) if dsum is None else dsum  # None: no group reaches the loss
+            grads = self.logprob_backward(
+                hidden,
+                weight,
+                bias,
+                call.rows,
+                call.targets,
+                lse,
+                coef[call.segments],
+                need,
+                None,
+                post=call.post,
+            )
+        return AFTResult(loss=loss, vft=vft, align=align, sums=sums, grads=grads)

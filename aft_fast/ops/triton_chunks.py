@@ -1,7 +1,8 @@
 """Chunk primitives of the triton backend's chunked strategy (CUDA; CPU tensors under the interpreter).
 
-The loop is `aft_fast.ops.chunk_loop.aft_forward`, shared with the CPU backends; `Chunks` is its
-engine here. Per chunk of scored tokens (rows of `hidden`, in the input dtype throughout):
+The loop is `aft_fast.ops.chunk_loop.ChunkLoop.aft_forward`, shared with the CPU backends; `Chunks` is its
+engine here (the triton backend skips dead rows: the loop orders them last, `grad` leaves them out).
+Per chunk of scored tokens (rows of `hidden`, in the input dtype throughout):
     h       = hidden[rows]                                    gather, input dtype      [c, H]
     buf     = h @ weight^T (+ bias)                           cuBLAS, input dtype      [c, V]
     logp, lse, sums[seg] += logp                              chunk_softmax_fwd (one read of buf)
@@ -30,7 +31,7 @@ import warnings
 
 import torch
 
-from aft_fast.kernels import chunk_softmax, group_loss
+from aft_fast.kernels import chunk_softmax
 from aft_fast.ops.logit_options import IDENTITY, LogitOptions
 
 # The [chunk, V] buffer: about this many bytes (512 MiB: 2093 bf16 tokens at V = 128256, 4% of eager's
@@ -108,8 +109,6 @@ class Chunks:
     zero-filled and read back).
     """
 
-    SKIP_DEAD = True  # the loop orders rows without gradient last in their chunk; grad() skips them
-
     def __init__(self, hidden, weight, bias, size: int, post: LogitOptions = IDENTITY):
         self.post = post.kernel_kwargs()  # applied by the row kernels as they read the buffer
         self.hidden = hidden
@@ -166,19 +165,3 @@ class Chunks:
         if grads.weight is not None and not self.weight_written:
             grads.weight.zero_()  # no live row anywhere: the gradient is zero
 
-
-def group_loss_range(
-    g0: int, g1: int, sums, counts, ref_logp, member_ptr, member_seg, pair_ptr, pair_i, pair_j, top_ptr,
-    top_seg, group_loss_out, dsum, *, mode: int, has_bc: bool, beta: float, dpo_beta: float, inv_tau: float,
-    scale: float, blocks: tuple[int, int, int],
-) -> None:
-    """The group-loss kernel (kernels/group_loss.py) on groups g0..g1-1 only, with block sizes fixed
-    once per call: no host sync. The *_ptr arrays are the whole batch's CSR offsets [G + 1]; a view
-    from g0 on gives the kernel group-local program ids. Writes group_loss_out[g0:g1] and
-    dsum[seg] = scale * d(group loss)/d(sum) for the members (only) of those groups.
-    """
-    group_loss.launch_group_loss(
-        g1 - g0, sums, counts, ref_logp, member_ptr[g0:], member_seg, pair_ptr[g0:], pair_i, pair_j,
-        top_ptr[g0:], top_seg, group_loss_out[g0:], dsum, mode=mode, has_bc=has_bc, beta=beta,
-        dpo_beta=dpo_beta, inv_tau=inv_tau, scale=scale, blocks=blocks,
-    )
