@@ -1,11 +1,13 @@
 """Models from folders: the embedded default (a tiny Llama trained from scratch), the checks that run
 before any training, and loading (a replica, or partitioned at construction under ZeRO-3), for plain
-Hugging Face folders (aft_fast/models/folders.py) and adapter folders (aft_fast/models/adapters.py).
+Hugging Face folders (aft_fast/models/folders.py) and adapter folders (aft_fast/models/adapters.py). A GGUF
+file becomes such a folder first (`resolve_model`, aft_fast/models/gguf.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import deepspeed
@@ -22,6 +24,7 @@ except ImportError:  # transformers < 5.23 has none (its own ZeRO-3 loading ente
     from contextlib import nullcontext as prevent_arange_dtype_change
 
 from aft_fast.models.folders import check_hf_folder, save_hf_folder
+from aft_fast.models.gguf import find_gguf, gguf_to_folder
 
 
 def tiny_llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -54,6 +57,14 @@ def create_default_model(tokenizer: PreTrainedTokenizerBase, out_dir: Path, seed
 
 # ---------------------------------------------------------------------------------------------------------
 # Checks that run before training: a clear message instead of a stack trace minutes in.
+
+
+def resolve_model(path: str | Path, log: Callable[[str], None] = print) -> Path:
+    """The folder every loader reads for `path`: a GGUF file (or a folder holding one) becomes its cached
+    Hugging Face folder, converted once (`log` names the cache); any other path is returned as it is."""
+    path = Path(path)
+    file = find_gguf(path)
+    return path if file is None else gguf_to_folder(file, log)
 
 
 def check_model_dir(path: str | Path) -> Path:

@@ -59,8 +59,18 @@ class TrainConfig:
     train_data: str = _opt("", "training file (GSM8K / AQuA-RAT / ECQA); empty: the embedded synthetic task")
     test_data: str = _opt("", "test file for eval; empty: the embedded synthetic task's test split")
     data_format: str = _opt("auto", "gsm8k | aqua | ecqa | auto (decided from the first record's fields)")
-    synthetic_train: int = _opt(8000, "embedded task: number of training problems")
-    synthetic_test: int = _opt(200, "embedded task: number of test problems")
+    task: str = _opt(
+        "embedded",
+        "the task written into <run_dir>/data when train_data is empty: embedded (the synthetic task, "
+        "synthetic_task) | gsm_symbolic (reasoning-gym's GSM8K templates, needs the real extra: "
+        "train.jsonl, validation.jsonl and test.jsonl from the same templates, test_ood.jsonl from "
+        "heldout_templates held out of them; synthetic_train / synthetic_test problems)",
+    )
+    heldout_templates: int = _opt(15, "gsm_symbolic: templates only test_ood.jsonl draws from (of 85)")
+    synthetic_train: int = _opt(8000, "the generated task (task): number of training problems")
+    synthetic_test: int = _opt(
+        200, "the generated task (task): number of test problems (gsm_symbolic: also of validation, test_ood)"
+    )
     synthetic_task: str = _opt(
         "forms",
         "embedded task version: forms (three valid solution strategies, references drawn 60/30/10 from "
@@ -69,8 +79,8 @@ class TrainConfig:
     label: str = _opt(
         "answer",
         "how sample labels a candidate: answer (positive when the final answer equals the gold, the "
-        "paper's rule) | verified (answer right and every step of the chain checked right; embedded task "
-        "only)",
+        "paper's rule) | verified (answer right and every step of the chain checked right: the embedded "
+        "task's checker, or the step checker on GSM8K-style questions; not for multiple choice)",
     )
     max_length: int = _opt(256, "tokens per row ([prompt | chain]); longer chains are cut at the end")
     prompt_format: str = _opt(
@@ -263,6 +273,7 @@ def check(cfg: TrainConfig) -> None:
         )
     _choice("data_format", cfg.data_format, ("auto", "gsm8k", "aqua", "ecqa"))
     _choice("synthetic_task", cfg.synthetic_task, ("forms", "v1"))
+    _choice("task", cfg.task, ("embedded", "gsm_symbolic"))
     _choice("label", cfg.label, ("answer", "verified"))
     _choice("prompt_format", cfg.prompt_format, PROMPT_FORMATS)
     if cfg.lora_r < 0:
@@ -290,6 +301,7 @@ def check(cfg: TrainConfig) -> None:
         "keep_checkpoints",
         "synthetic_train",
         "synthetic_test",
+        "heldout_templates",
     ):
         if getattr(cfg, name) < 1:
             raise InputError(f"{name}: must be at least 1, got {getattr(cfg, name)}")

@@ -27,6 +27,7 @@ from aft_fast.data.candidates import (
 )
 from aft_fast.data.chains import FORMS, is_checkable
 from aft_fast.data.formats import DataError, Example, prompt_text, read_examples
+from aft_fast.data.gsm_symbolic import write_gsm_symbolic
 from aft_fast.data.prompts import bind_prompt_format
 from aft_fast.data.synthetic import write_default_task
 from aft_fast.eval.evaluate import (
@@ -46,6 +47,7 @@ from aft_fast.models.loading import (
     create_default_model,
     load_replica,
     load_tokenizer,
+    resolve_model,
 )
 from aft_fast.train.aft import run_aft
 from aft_fast.train.config import InputError, TrainConfig, to_yaml
@@ -139,7 +141,7 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
     # --sampler vllm: its environment is checked before anything is written or trained.
     vllm = check_sampler(cfg, dist) if cfg.stage in ("all", "sample", "eval") else None
     train, test = _read_data(cfg, dist)
-    start = _start_model(cfg)
+    start = resolve_model(_start_model(cfg), print0)  # a GGUF file: its cached Hugging Face folder
     tokenizer, n_params = _tokenizer(cfg, dist, train, start)
     check_model_dir(start)
     check_vocab(tokenizer, start)
@@ -178,9 +180,14 @@ def _read_data(cfg: TrainConfig, dist: Dist) -> tuple[list[Example], list[Exampl
         # eval and sample see the data the run trained on even if the generator changed since.
         rewrite = not cfg.resume and stage in ("all", "vft")
         if dist.is_main and (rewrite or not (data_dir / "train.jsonl").is_file()):
-            write_default_task(
-                data_dir, cfg.synthetic_train, cfg.synthetic_test, cfg.seed, task=cfg.synthetic_task
-            )
+            if cfg.task == "gsm_symbolic":  # train, validation, test, test_ood
+                write_gsm_symbolic(
+                    data_dir, cfg.synthetic_train, cfg.synthetic_test, cfg.seed, cfg.heldout_templates
+                )
+            else:
+                write_default_task(
+                    data_dir, cfg.synthetic_train, cfg.synthetic_test, cfg.seed, task=cfg.synthetic_task
+                )
         _barrier()
         train_path, test_path = data_dir / "train.jsonl", test_path or data_dir / "test.jsonl"
     train = read_examples(train_path, cfg.data_format) if needs_train and train_path else []
@@ -214,7 +221,8 @@ def _tokenizer(
     """The run's tokenizer, and the parameter count of the model built here (0: none built). The
     embedded default is a tokenizer trained on the training texts and a fresh tiny Llama."""
     if not (cfg.stage in ("all", "vft") and not cfg.model):
-        return load_tokenizer(Path(cfg.tokenizer) if cfg.tokenizer else check_model_dir(start)), 0
+        tok_dir = resolve_model(cfg.tokenizer, print0) if cfg.tokenizer else check_model_dir(start)
+        return load_tokenizer(tok_dir), 0
     fresh, n_params = not cfg.resume, 0
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else cfg.run_path / "tokenizer"
     if dist.is_main and not cfg.tokenizer and (fresh or not tok_dir.is_dir()):

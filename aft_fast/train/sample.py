@@ -255,7 +255,7 @@ def run_sample(
     stats = group_stats(groups, len(questions) * cfg.num_samples, time.perf_counter() - t0)
     if dist.is_main:
         write_candidates(out_path, groups)
-        task = None if cfg.train_data else cfg.synthetic_task
+        task = None if cfg.train_data else cfg.synthetic_task if cfg.task == "embedded" else cfg.task
         checkers = {checker_of(g.question) for g in groups}
         checker = checkers.pop() if len(checkers) == 1 else None  # a mixed file names none
         write_meta(out_path, stats, label=cfg.label, task=task, checker=checker)
