@@ -14,7 +14,7 @@ POINTER = re.compile(r"docs/design\.md,? (?:section )?(\d+)")
 
 def _text_files() -> list[Path]:
     """The project's text files (no git needed: a source archive has none)."""
-    skip = {".git", ".venv", "build", "dist", "node_modules", "__pycache__", ".pytest_cache"}
+    skip = {".git", ".venv", ".venv-vllm", "build", "dist", "node_modules", "__pycache__", ".pytest_cache"}
     suffixes = {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".cpp", ".h", ".txt", ".cfg"}
     found = []
     for folder, dirs, files in os.walk(ROOT):
