@@ -10,8 +10,9 @@ Protocol (docs/design.md section 9):
    (k samples per question, answer_correct and chain_ok stored: the two label rules are two labellings of
    it), and one held-out set (k samples per test question from the same model) that every arm scores.
 2. Every setting is chosen on the validation split (fresh problems, in neither train nor test) before the
-   test split is scored: the arms' learning rate (the largest candidate under which the control, continued
-   VFT, does not end below the VFT model), then bcl's beta per label rule (the best validation accuracy).
+   test split is scored: the arms' learning rate (the candidate under which the control, continued VFT,
+   does best: the strongest control; it must not end below the VFT model), then bcl's beta per label rule
+   (the best validation accuracy at that lr).
 3. Arms, all from the VFT model (or with --aft_init base, from the model VFT started from) with the same
    steps, batch, schedule and data order per seed: control (continued VFT on the same questions'
    references), rft, align, dcl, bcl, dpo / rrhf / pro with and without +bc. Every AFT arm keeps w_vft = 1.
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 2) // plan.workers)
     with cf.ProcessPoolExecutor(plan.workers, ctx, _worker_init, (plan, str(work), threads)) as pool:
         run_jobs(plan, pool, lr_jobs(plan), base["stamp"], clock, on_result)
-        state["lr"] = reproduce_report.choose_lr(plan, start, state["val"])
+        state["lr"] = reproduce_report.choose_lr(plan, state["val"])
         print(f"[reproduce] arms' lr chosen on validation: {state['lr']:g}", flush=True)
         if any(train_mode(ARMS[a]).boundary for a in plan.arms):
             run_jobs(plan, pool, beta_jobs(plan, state["lr"]), base["stamp"], clock, on_result)
