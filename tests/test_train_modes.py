@@ -243,3 +243,14 @@ def test_pipeline_summary_compares_aft_with_vft():
     assert down.endswith("60.0% -> 55.0% (-5.0 points, below the VFT model)")
     assert "(rft, label answer)" in down
     assert compare_line(cfg, {"eval_vft/accuracy": 0.5}) is None  # aft not evaluated in this run
+
+
+def test_pipeline_summary_says_how_far_one_seed_can_be_trusted():
+    from aft_fast.train.pipeline import trust_line
+
+    line = trust_line({"eval_vft/questions": 200, "eval_vft/accuracy": 0.5, "eval_aft/accuracy": 0.9})
+    # sqrt(0.5 * 0.5 / 200) = 3.5 points: the larger of the two errors
+    assert line.startswith(
+        "One seed on 200 test questions: each accuracy has a binomial standard error of ±3.5 "
+    )
+    assert trust_line({"eval_vft/questions": 200, "eval_vft/accuracy": 0.5}) is None

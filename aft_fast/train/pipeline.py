@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +307,7 @@ def _evaluate(
         time.perf_counter() - t0,
         f"{summary_line(res.summary)} of {model_dir}",
         **{f"{name}/{k.removeprefix('eval/')}": v for k, v in values.items()},
+        **{f"{name}/questions": res.summary["questions"]},
     )
     return res
 
@@ -367,6 +369,22 @@ def compare_line(cfg: TrainConfig, values: dict) -> str | None:
     )
 
 
+def trust_line(values: dict) -> str | None:
+    """How far the verdict of one run can be trusted: the binomial standard error of each greedy accuracy on
+    this test set. The training's own seed-to-seed spread comes on top; only a comparison paired over seeds
+    (benchmarks/reproduce.py) separates a mode's effect from both."""
+    n = values.get("eval_vft/questions")
+    before, after = values.get("eval_vft/accuracy"), values.get("eval_aft/accuracy")
+    if not n or before is None or after is None:
+        return None
+    se = max(math.sqrt(p * (1 - p) / n) for p in (before, after))
+    return (
+        f"One seed on {n} test questions: each accuracy has a binomial standard error of ±{100 * se:.1f} "
+        "points, and the training's seed-to-seed spread comes on top; benchmarks/reproduce.py pairs seeds "
+        "to measure a mode's effect"
+    )
+
+
 def _sample_row(
     cfg: TrainConfig,
     dist: Dist,
@@ -401,7 +419,7 @@ def _sample_row(
 
 def _write_summary(cfg: TrainConfig, dist: Dist, summary: Summary) -> None:
     """The AFT-vs-VFT verdict printed, and summary.md / summary.json written by rank 0."""
-    verdict = compare_line(cfg, summary.values)
+    verdict = "\n".join(filter(None, [compare_line(cfg, summary.values), trust_line(summary.values)]))
     if verdict:
         print0(verdict)
     if dist.is_main:
