@@ -28,7 +28,14 @@ from aft_fast.data.collate import encode_prompt
 from aft_fast.data.formats import prompt_text
 from aft_fast.data.synthetic import generate_problems
 from aft_fast.eval.sampler import HFSampler, SamplingParams
-from aft_fast.eval.vllm_sampler import DEFAULT_PYTHON, SETUP, VLLMOptions, VLLMSampler, check_vllm_python
+from aft_fast.eval.vllm_sampler import (
+    DEFAULT_PYTHON,
+    SETUP,
+    VLLMOptions,
+    VLLMSampler,
+    check_vllm_python,
+    engine_folder,
+)
 from aft_fast.models.folders import save_hf_folder
 from aft_fast.models.loading import load_replica, load_tokenizer, tiny_llama_config
 from aft_fast.train.sample import group_stats, meta_path
@@ -100,6 +107,28 @@ def test_config_checks_name_the_field():
         TrainConfig(vllm_gpu_memory_utilization=1.5)
     with pytest.raises(InputError, match="vllm_tensor_parallel_size"):
         TrainConfig(vllm_tensor_parallel_size=0)
+
+
+def test_an_adapter_folder_reaches_the_engine_merged(tiny_model, tmp_path):
+    """vLLM loads a plain Hugging Face folder: an adapter folder becomes its base with the adapters merged."""
+    from aft_fast.models.adapters import LoraSettings, adapter_state_dict, add_lora
+
+    tok = load_tokenizer(tiny_model)
+    cpu = torch.device("cpu")
+    assert engine_folder(tiny_model, torch.float32, tmp_path) == tiny_model
+    lora = add_lora(
+        load_replica(tiny_model, cpu, torch.float32), LoraSettings(r=4, init_weights=False), base=tiny_model
+    )
+    save_hf_folder(
+        lora, tok, tmp_path / "vft", state_dict=adapter_state_dict(lora), trainer_state={"steps": 1}
+    )
+    folder = engine_folder(tmp_path / "vft", torch.float32, tmp_path / "scratch")
+    assert (folder / "config.json").is_file() and not (folder / "adapter_config.json").exists()
+    ids = torch.tensor([encode_prompt(tok, "Question: 3 + 4?")])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits
+        want = load_replica(tmp_path / "vft", cpu, torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
 
 
 def _hf_greedy_ids(model, tok, question: str, max_new_tokens: int) -> list[int]:

@@ -126,7 +126,7 @@ def engine_folder(model_dir: str | Path, dtype: torch.dtype, scratch: Path) -> P
 
     if not adapters.is_adapter_dir(model_dir):
         return Path(model_dir)
-    merged = scratch / "merged"
+    merged = Path(scratch) / "merged"
     model = adapters.load_replica(model_dir, torch.device("cpu"), dtype)
     model.save_pretrained(merged, safe_serialization=True)
     del model
@@ -254,7 +254,10 @@ class VLLMSampler:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit, what close needs may be gone already
+            pass
 
     # -- the Sampler ---------------------------------------------------------------------------------------
     def generate_ids(
