@@ -381,7 +381,7 @@ def _score_fixed(
     top_right = []
     for g, s in zip(fixed, fixed_scored, strict=True):
         if s.scores:
-            top = g.candidates[max(range(len(s.scores)), key=lambda i, sc=s.scores: (sc[i], -i))]
+            top = g.candidates[s.scores.index(max(s.scores))]  # the first on equal scores, as metrics.rerank
             top_right.append(bool(top.correct if top.answer_correct is None else top.answer_correct))
     result.summary.update(
         {
