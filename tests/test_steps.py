@@ -123,6 +123,7 @@ GSM8K = {
     "The room's perimeter is 2(73+57) = 260 feet and 25% of 80 = 20 tiles are blue.\n#### 260": 2,
     "3 times 4 plus 2 = 14 apples, and 14 divided by 7 = 2 baskets.\nThe answer is 2.": 2,
     "He pays $\\frac{12}{4} \\times 3 = 9$ dollars.\n#### 9": 1,
+    "She has 5+3=8*2=16 stickers, and 75 + 38 = 113 = 100 + 13.\n#### 16": 3,  # a run-on, then a chain
 }
 
 
@@ -146,6 +147,7 @@ def test_gsm8k_chains_pass(chain):
         ("It was 5 - 7 = -3 degrees.\n#### -3", "5 - 7"),
         ("She needs 143 / 22 = 5 racks.\n#### 5", "143 / 22"),  # 6.5: neither rounded, floored nor ceiled
         ("2 + 12 = 13 cards, then 13 + 8 = 21 cards.\n#### 21", "2 + 12"),  # errors that cancel
+        ("She has 5+3=9*2=18 stickers.\n#### 18", "5 + 3 = 9 * 2"),  # a false run-on
     ],
 )
 def test_changed_numbers_rejected(chain, where):

@@ -12,7 +12,8 @@ checker reads each ``left = right`` it finds and evaluates both sides exactly (f
 - units after a number are skipped (``4 mushroom/minute``, ``12 skeins per pair of socks``);
 - GSM8K's calculator notes ``<<48/2=24>>`` are statements of their own, and the text around them is read
   without them;
-- a chain ``a = b = c`` gives the statements a = b and b = c.
+- a chain ``a = b = c`` gives the statements a = b and b = c; a run-on ``5 + 3 = 8 * 2 = 16`` (a result,
+  then the next step on it) gives 5 + 3 = 8 and 8 * 2 = 16.
 
 A statement is true when the right side is the left side rounded to the digits it shows, to the nearest,
 down or up (``7 / 3 = 2.33``, ``0.52 * 80 = 41`` students and ``143 / 22 = 7`` racks hold; ``13 * 11 =
@@ -281,9 +282,11 @@ def _left_side(toks: list[_Tok], eq: int) -> tuple[int, Fraction, int] | None:
     return None
 
 
-def _right_side(toks: list[_Tok], eq: int) -> tuple[int, Fraction, int, _Tok] | None:
+def _right_side(toks: list[_Tok], eq: int, left: Fraction) -> tuple[int, Fraction, int, _Tok] | None:
     """(end, value, operators, first token) of the right side after tokens[eq]: the whole expression when
-    another '=' follows it (a = b = c), else the first number and its units (the result)."""
+    another '=' follows it (a = b = c), else the first number and its units (the result). A run-on
+    ``5 + 3 = 8 * 2 = 16`` (the result, then the next step on it) reads as 5 + 3 = 8 when the whole
+    ``8 * 2`` does not equal the left side but its first number does."""
     start = eq + 1
     if start >= len(toks):
         return None
@@ -291,13 +294,15 @@ def _right_side(toks: list[_Tok], eq: int) -> tuple[int, Fraction, int, _Tok] | 
     if not (first.kind in _STARTS or (first.kind == "op" and first.text == "-")):
         return None
     whole = _parse_prefix(toks, start, len(toks))
-    if whole is not None and whole[1] < len(toks) and toks[whole[1]].kind == "eq":
-        return whole[1], whole[0], whole[2], first
     p = _Parser(toks, len(toks))
     try:
         value, end = p.factor(start)
     except _NoParse:
         return None
+    if whole is not None and whole[1] < len(toks) and toks[whole[1]].kind == "eq":
+        run_on = whole[2] > 0 and not _holds(left, whole[0], 9) and not first.frac
+        if not (run_on and _holds(left, value, first.decimals)):
+            return whole[1], whole[0], whole[2], first
     # A variable right after the result ("= 145 + T") makes the side unreadable.
     if end < len(toks) and toks[end].kind == "op" and end + 1 < len(toks) and toks[end + 1].kind == "var":
         return None
@@ -342,10 +347,13 @@ def _line_steps(line_no: int, line: str) -> list[Step]:
     for eq, t in enumerate(toks):
         if t.kind != "eq":
             continue
-        left, right = _left_side(toks, eq), _right_side(toks, eq)
-        if left is None or right is None or left[2] == 0:
+        left = _left_side(toks, eq)
+        if left is None or left[2] == 0:
             continue  # unreadable, or a restatement ("1 dozen = 12")
         start, lv, _ = left
+        right = _right_side(toks, eq, lv)
+        if right is None:
+            continue
         end, rv, rops, first = right
         single = rops == 0 and not first.frac  # one written number: it rounds to its own digits
         decimals = first.decimals if single else 9

@@ -157,6 +157,7 @@ def convert_gguf(file: str | Path, out_dir: str | Path) -> Path:
         "transformers": transformers.__version__,
     }
     (staging / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)  # a folder without SOURCE_FILE is no finished conversion
     os.replace(staging, out_dir)
     return out_dir
 
