@@ -110,9 +110,11 @@ def test_weights_equal_the_gguf_packages_dequantization(converted):
             torch.testing.assert_close(f.get_tensor(hf_name), expected.float(), rtol=0, atol=0)
 
 
-def test_unloadable_architecture_refused_by_name(tmp_path):
+def test_unloadable_architecture_refused_by_name(cache, tmp_path):
     import numpy as np
     from gguf import GGUFWriter
+
+    from aft_fast.models.gguf import cached_folder
 
     path = tmp_path / "odd.gguf"
     writer = GGUFWriter(str(path), arch="notamodel")
@@ -121,6 +123,9 @@ def test_unloadable_architecture_refused_by_name(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    broken = cached_folder(path)  # a cache entry without weights is no conversion: it converts again
+    broken.mkdir(parents=True)
+    (broken / SOURCE_FILE).write_text("{}")
     with pytest.raises(ValueError, match=r"architecture 'notamodel', which transformers .* cannot load"):
         resolve_model(path)
     with pytest.raises(ValueError, match="architecture 'notamodel'"):

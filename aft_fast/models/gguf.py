@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from aft_fast.models.folders import check_hf_folder, save_hf_folder
+
 SOURCE_FILE = "gguf_source.json"
 
 
@@ -132,8 +134,6 @@ def convert_gguf(file: str | Path, out_dir: str | Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    from aft_fast.models.folders import save_hf_folder
-
     file, out_dir = Path(file).resolve(), Path(out_dir)
     arch = check_gguf(file)
     tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
@@ -156,10 +156,22 @@ def convert_gguf(file: str | Path, out_dir: str | Path) -> Path:
         "parameters": sum(p.numel() for p in plain.parameters()),
         "transformers": transformers.__version__,
     }
+    if not _complete(staging):  # transformers' save_pretrained writes nothing on ranks > 0 of a process group
+        raise RuntimeError(
+            f"model: converting {file} wrote no weights to {staging}; convert on rank 0 of a process group"
+        )
     (staging / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)  # a folder without SOURCE_FILE is no finished conversion
     os.replace(staging, out_dir)
     return out_dir
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        check_hf_folder(folder)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def gguf_to_folder(file: str | Path, log: Callable[[str], None] = print) -> Path:
@@ -170,7 +182,7 @@ def gguf_to_folder(file: str | Path, log: Callable[[str], None] = print) -> Path
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.with_name(f".{folder.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if (folder / SOURCE_FILE).is_file():
+        if (folder / SOURCE_FILE).is_file() and _complete(folder):
             log(f"model: {file} -> {folder} (the cached conversion)")
             return folder
         log(f"model: dequantizing {file} into {folder} (once; later runs reuse it)")

@@ -142,7 +142,7 @@ def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
     # --sampler vllm: its environment is checked before anything is written or trained.
     vllm = check_sampler(cfg, dist) if cfg.stage in ("all", "sample", "eval") else None
     train, test = _read_data(cfg, dist)
-    start = resolve_model(_start_model(cfg), print0)  # a GGUF file: its cached Hugging Face folder
+    start = _from_gguf(_start_model(cfg), dist)  # a GGUF file: its cached Hugging Face folder
     tokenizer, n_params = _tokenizer(cfg, dist, train, start)
     check_model_dir(start)
     check_vocab(tokenizer, start)
@@ -202,6 +202,14 @@ def _read_data(cfg: TrainConfig, dist: Dist) -> tuple[list[Example], list[Exampl
     return train, test
 
 
+def _from_gguf(path: Path, dist: Dist) -> Path:
+    """`resolve_model` on rank 0 first (it converts a GGUF file once; transformers saves on rank 0 only),
+    then on the other ranks, which find the cached folder."""
+    folder = resolve_model(path, print0) if dist.is_main else path
+    _barrier()
+    return folder if dist.is_main else resolve_model(path, lambda line: None)
+
+
 def _start_model(cfg: TrainConfig) -> Path:
     """The model folder the stage starts from."""
     run, stage = cfg.run_path, cfg.stage
@@ -222,7 +230,7 @@ def _tokenizer(
     """The run's tokenizer, and the parameter count of the model built here (0: none built). The
     embedded default is a tokenizer trained on the training texts and a fresh tiny Llama."""
     if not (cfg.stage in ("all", "vft") and not cfg.model):
-        tok_dir = resolve_model(cfg.tokenizer, print0) if cfg.tokenizer else check_model_dir(start)
+        tok_dir = _from_gguf(Path(cfg.tokenizer), dist) if cfg.tokenizer else check_model_dir(start)
         return load_tokenizer(tok_dir), 0
     fresh, n_params = not cfg.resume, 0
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else cfg.run_path / "tokenizer"
