@@ -174,7 +174,8 @@ def _boot(b: dict[str, Any]) -> str:
     if not b:
         return "n/a"
     lo, hi = b["ci"]
-    return f"{100 * b['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={_p(b['p'])}"
+    p = f"p={_p(b['p'])}" if b["p"] > 0 else f"p<{1 / BOOTSTRAP:.2g}"  # no resample crossed zero
+    return f"{100 * b['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], {p}"
 
 
 def _start_metric(start: dict, split: str, key: str) -> str:
