@@ -75,14 +75,15 @@ def test_linear_logprob_products_and_largest_allocation(backend):
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_keep_probs_stays_within_its_budget(backend):
+    from aft_fast.ops.backend import LogProbCall
     from aft_fast.ops.dispatch import get_backend
 
     hidden, weight, kw = _logprob_inputs()
     per_chunk = CHUNK * (2 * V + 4)  # fp16 probabilities and an fp32 scale a token
     impl = get_backend(backend)
     for budget, expect in ((0, 0), (per_chunk - 1, 0), (5 * per_chunk + 7, 5), (10**15, T // CHUNK)):
-        _, _, kept = impl.logprob_forward(hidden.detach(), weight.detach(), None, kw["rows"], kw["targets"],
-                                          CHUNK, budget)
+        call = LogProbCall(**kw, backend=backend, chunk_size=CHUNK, keep_bytes=budget)
+        _, _, kept = impl.logprob_forward(hidden.detach(), weight.detach(), None, call)
         assert len(kept) == 2 * expect
         assert sum(t.numel() * t.element_size() for t in kept) <= max(budget, 0)
 
@@ -115,9 +116,9 @@ def test_keep_probs_keeps_nothing_without_a_backward(backend, monkeypatch):
     budgets = []
     forward = chunk_loop.ChunkedBackend.logprob_forward
 
-    def spy(*args, **kw):  # args: self, hidden, weight, bias, rows, targets, chunk_size[, keep_bytes]
-        budgets.append(args[-1] if len(args) > 7 else kw.get("keep_bytes", 0))
-        return forward(*args, **kw)
+    def spy(self, hidden, weight, bias, call):
+        budgets.append(call.keep_bytes)
+        return forward(self, hidden, weight, bias, call)
 
     monkeypatch.setattr(chunk_loop.ChunkedBackend, "logprob_forward", spy)
     hidden, weight, kw = _logprob_inputs()

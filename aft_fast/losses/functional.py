@@ -10,9 +10,9 @@ import torch
 
 from aft_fast.losses import checks
 from aft_fast.losses.aft_function import AFTLossFunction
-from aft_fast.losses.linear_logprob import LinearLogProbFunction, LogProbInputs
+from aft_fast.losses.linear_logprob import LinearLogProbFunction
 from aft_fast.losses.objectives import build_plan
-from aft_fast.ops.backend import AFTCall
+from aft_fast.ops.backend import AFTCall, LogProbCall
 from aft_fast.ops.chunk_loop import default_chunk_size
 from aft_fast.ops.dispatch import resolve_backend
 from aft_fast.options import LossOptions
@@ -128,10 +128,10 @@ def linear_logprob(
         keep_bytes = 0  # no backward will read them
     checks.check_tokens(hidden, weight, rows, targets, segments, num_segments)
     post = checks.check_logit_options(logit_scale, softcap, temperature)
-    inputs = LogProbInputs(
+    call = LogProbCall(
         rows=rows, targets=targets, segments=segments, num_segments=num_segments,
         backend=resolve_backend(backend, hidden.device), post=post,
         chunk_size=chunk_size or default_chunk_size(weight.shape[0], rows.numel()),
         keep_bytes=keep_bytes,
     )
-    return LinearLogProbFunction.apply(hidden, weight, bias, inputs)
+    return LinearLogProbFunction.apply(hidden, weight, bias, call)

@@ -10,46 +10,28 @@ that memory cost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from aft_fast.ops.backend import LogProbCall
 from aft_fast.ops.dispatch import get_backend
-from aft_fast.ops.logit_options import IDENTITY, LogitOptions
-
-
-@dataclass(frozen=True)
-class LogProbInputs:
-    rows: torch.Tensor
-    targets: torch.Tensor
-    segments: torch.Tensor
-    num_segments: int
-    backend: str
-    chunk_size: int
-    keep_bytes: int = 0
-    post: LogitOptions = IDENTITY  # the logit post-processing (logit_scale, softcap, temperature)
 
 
 class LinearLogProbFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, inputs: LogProbInputs):
-        impl = get_backend(inputs.backend)
-        logp, lse, kept = impl.logprob_forward(hidden, weight, bias, inputs.rows, inputs.targets,
-                                               inputs.chunk_size, inputs.keep_bytes, post=inputs.post)
-        sums = torch.zeros(inputs.num_segments, dtype=torch.float32, device=hidden.device)
-        sums.index_add_(0, inputs.segments, logp)
+    def forward(ctx, hidden, weight, bias, call: LogProbCall):
+        logp, lse, kept = get_backend(call.backend).logprob_forward(hidden, weight, bias, call)
+        sums = torch.zeros(call.num_segments, dtype=torch.float32, device=hidden.device)
+        sums.index_add_(0, call.segments, logp)
         ctx.save_for_backward(hidden, weight, bias, lse, logp, *kept)
-        ctx.inputs = inputs
+        ctx.call = call
         return sums
 
     @staticmethod
     def backward(ctx, grad_sums):
         hidden, weight, bias, lse, logp, *kept = ctx.saved_tensors
-        inputs: LogProbInputs = ctx.inputs
-        impl = get_backend(inputs.backend)
-        coef = grad_sums.float()[inputs.segments]
-        grads = impl.logprob_backward(
-            hidden, weight, bias, inputs.rows, inputs.targets, lse, coef,
-            tuple(ctx.needs_input_grad[:3]), inputs.chunk_size, logp=logp, kept=kept, post=inputs.post,
-        )
+        call: LogProbCall = ctx.call
+        coef = grad_sums.float()[call.segments]
+        need = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2]))
+        impl = get_backend(call.backend)
+        grads = impl.logprob_backward(hidden, weight, bias, call, lse, coef, need, logp, kept)
         return (*grads, None)

@@ -2,11 +2,11 @@
 section 3).
 
 `Backend` is what every backend offers: the two passes of `linear_logprob` and the one-call forward of
-`aft_loss` (loss, parts, per-segment sums and the gradients). `AFTCall` is everything of one `aft_loss` call
-but the three differentiable tensors, in one frozen object: the autograd Function holds it and hands it to
-the backend whole. `GroupObjective` is the group loss of a chunked `aft_forward`, one run of whole groups at
-a time: the loss layer builds it for the backend it picked (autograd on the loss math for the CPU backends,
-the group-loss kernel for triton), and every backend's `aft_forward` runs the one it is given.
+`aft_loss` (loss, parts, per-segment sums and the gradients). `AFTCall` and `LogProbCall` are everything of
+one call but the three differentiable tensors, in one frozen object each: the autograd Function holds it
+and hands it to the backend whole. `GroupObjective` is the group loss of an `aft_forward`, one run of whole
+groups at a time: the loss layer builds it for the backend it picked (autograd on the loss math for the CPU
+backends, the group-loss kernel for triton), and every backend's `aft_forward` runs the one it is given.
 `ChunkPrims` is what a chunked CPU backend brings to the shared chunk loop (aft_fast/ops/chunk_loop.py):
 `aft_fast.ops.torch_chunks` and `aft_fast.ops.cpp_chunks` are modules of this shape.
 
@@ -51,6 +51,27 @@ class AFTCall:
     ref_logp: torch.Tensor | None
     backend: str
     chunk_size: int | None = None
+    post: LogitOptions = IDENTITY
+
+
+@dataclass(frozen=True)
+class LogProbCall:
+    """One `linear_logprob` call, checked (aft_fast/losses/functional.py), as the backends read it.
+
+    rows, targets, segments: [T] int64; num_segments: S.
+    backend:    the resolved backend name (torch | cpp | triton).
+    chunk_size: scored tokens per chunk (the CPU backends; the fused triton kernels need none).
+    keep_bytes: what forward may keep for backward, in bytes (0: nothing; `linear_logprob`'s keep_probs).
+    post:       the logit post-processing (logit_scale, softcap, temperature; docs/design.md section 2).
+    """
+
+    rows: torch.Tensor
+    targets: torch.Tensor
+    segments: torch.Tensor
+    num_segments: int
+    backend: str
+    chunk_size: int
+    keep_bytes: int = 0
     post: LogitOptions = IDENTITY
 
 
@@ -135,15 +156,7 @@ class Backend(Protocol):
     returns it."""
 
     def logprob_forward(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        rows: torch.Tensor,
-        targets: torch.Tensor,
-        chunk_size: int,
-        keep_bytes: int = 0,
-        post: LogitOptions = IDENTITY,
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, call: LogProbCall
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(logp [T], lse [T]) fp32 and `kept`: what the backend keeps for backward within keep_bytes."""
         ...
@@ -153,17 +166,15 @@ class Backend(Protocol):
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        rows: torch.Tensor,
-        targets: torch.Tensor,
+        call: LogProbCall,
         lse: torch.Tensor,
         coef: torch.Tensor,
         need: Need,
-        chunk_size: int,
-        logp: torch.Tensor | None = None,
+        logp: torch.Tensor,
         kept: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
-        post: LogitOptions = IDENTITY,
     ) -> MaybeGrads:
-        """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where not `need`)."""
+        """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where not `need`), from
+        forward's lse, logp and kept."""
         ...
 
     def aft_forward(

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from aft_fast.ops.backend import AFTCall, AFTResult, ChunkPrims, GroupObjective, MaybeGrads, Need
+from aft_fast.ops.backend import AFTCall, AFTResult, ChunkPrims, GroupObjective, LogProbCall, MaybeGrads, Need
 from aft_fast.ops.logit_options import IDENTITY, LogitOptions
 from aft_fast.options import GroupPlan
 
@@ -361,25 +361,18 @@ class ChunkedBackend(ChunkLoop):
         return _Chunks(self.prims, hidden, weight, bias, chunk_size, post)
 
     def logprob_forward(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        rows: torch.Tensor,
-        targets: torch.Tensor,
-        chunk_size: int,
-        keep_bytes: int = 0,
-        post: LogitOptions = IDENTITY,
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, call: LogProbCall
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Per-token (logp [T], lse [T]) in fp32, one chunk of tokens at a time, and `kept`: for the first
         chunks that fit in keep_bytes, their probabilities (keep fp16 [c, V], keep_scale [c]), flat. With a
         soft cap nothing is kept (the gradient needs each logit's tanh, which kept probabilities lack):
         backward recomputes."""
+        rows, targets, chunk_size, post = call.rows, call.targets, call.chunk_size, call.post
         chunks = self.engine(hidden, weight, bias, chunk_size, post)
         T = rows.numel()
         logp = torch.empty(T, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
-        n_kept = kept_chunks(weight.shape[0], T, chunk_size, keep_bytes) if post.cap is None else 0
+        n_kept = kept_chunks(weight.shape[0], T, chunk_size, call.keep_bytes) if post.cap is None else 0
         kept: list[torch.Tensor] = []
         for i, start in enumerate(range(0, T, chunk_size)):
             sl = slice(start, start + chunk_size)
@@ -396,20 +389,18 @@ class ChunkedBackend(ChunkLoop):
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        rows: torch.Tensor,
-        targets: torch.Tensor,
+        call: LogProbCall,
         lse: torch.Tensor,
         coef: torch.Tensor,
         need: Need,
-        chunk_size: int,
-        logp: torch.Tensor | None = None,
+        logp: torch.Tensor,
         kept: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
-        post: LogitOptions = IDENTITY,
     ) -> MaybeGrads:
         """Gradients for d(loss)/d(logp) = coef [T]: from the kept probabilities of the first chunks (two
         products each), recomputing the other chunks' logits from `lse` (three). Tokens with coef 0 (a
         segment the caller's loss does not use) are left out of every product; a chunk of them is skipped."""
-        chunks = self.engine(hidden, weight, bias, chunk_size, post)
+        rows, targets, chunk_size = call.rows, call.targets, call.chunk_size
+        chunks = self.engine(hidden, weight, bias, chunk_size, call.post)
         grads = Grads.zeros(hidden, weight, bias, need)
         live = coef != 0
         every = bool(live.all())
@@ -425,7 +416,6 @@ class ChunkedBackend(ChunkLoop):
 
             c_rows, c_targets, c_coef = (_take(t[sl], pick) for t in (rows, targets, coef))
             if 2 * i < len(kept):
-                assert logp is not None  # kept probabilities come with their log-probs
                 keep, keep_scale = (_take(t, pick) for t in kept[2 * i : 2 * i + 2])
                 chunks.grad_kept(keep, keep_scale, _take(logp[sl], pick), c_coef, c_targets, c_rows, grads)
             else:

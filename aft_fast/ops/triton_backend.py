@@ -51,7 +51,7 @@ from aft_fast.kernels.chunk_softmax import chunk_softmax_fwd
 from aft_fast.kernels.linear_logprob import check_inputs, linear_logprob_fwd
 from aft_fast.kernels.linear_logprob_bwd import linear_logprob_bwd
 from aft_fast.ops import triton_chunks
-from aft_fast.ops.backend import AFTCall, AFTResult, GroupObjective, MaybeGrads, Need
+from aft_fast.ops.backend import AFTCall, AFTResult, GroupObjective, LogProbCall, MaybeGrads, Need
 from aft_fast.ops.chunk_loop import ChunkLoop, Grads
 from aft_fast.ops.logit_options import IDENTITY, LogitOptions
 from aft_fast.options import GroupPlan
@@ -245,15 +245,7 @@ class TritonBackend(ChunkLoop):
         return triton_chunks.chunk_size(vocab, tokens, largest_group, dtype)
 
     def logprob_forward(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        rows: torch.Tensor,
-        targets: torch.Tensor,
-        chunk_size: int | None,
-        keep_bytes: int = 0,
-        post: LogitOptions = IDENTITY,
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, call: LogProbCall
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(logp [T], lse [T]) fp32, and `kept`: the logits [n, V] in the input dtype of the first n tokens
         that fit in keep_bytes (`kept_tokens`), or nothing.
@@ -263,7 +255,8 @@ class TritonBackend(ChunkLoop):
         `linear_logprob_fwd`, which keeps no logits (`chunk_size` is unused: the fused kernels need no
         chunks).
         """
-        kw = post.kernel_kwargs()  # the kept logits are z: the kernels apply the post-processing as they read
+        rows, targets, keep_bytes = call.rows, call.targets, call.keep_bytes
+        kw = call.post.kernel_kwargs()  # the kept logits are z: the kernels apply the post-processing on read
         n = kept_tokens(weight.shape[0], rows.numel(), weight.dtype, keep_bytes) if keep_bytes else 0
         if n == 0:
             logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets, **kw)
@@ -287,15 +280,12 @@ class TritonBackend(ChunkLoop):
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        rows: torch.Tensor,
-        targets: torch.Tensor,
+        call: LogProbCall,
         lse: torch.Tensor,
         coef: torch.Tensor,
         need: Need,
-        chunk_size: int | None,
-        logp: torch.Tensor | None = None,
+        logp: torch.Tensor,
         kept: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
-        post: LogitOptions = IDENTITY,
     ) -> MaybeGrads:
         """Gradients of sum_t coef[t] * logp[t] in the inputs' dtypes (None where need[i] is False).
 
@@ -303,6 +293,7 @@ class TritonBackend(ChunkLoop):
         others the fused `linear_logprob_bwd`, whose fp32 gradients then accumulate the kept tokens' part
         (one fp32 accumulator per input in either case).
         """
+        rows, targets, post = call.rows, call.targets, call.post
         if not kept:
             fused = _fused_grads(hidden, weight, bias, rows, targets, lse, coef, need, post)
             return _cast(fused, hidden, weight, bias)
@@ -339,26 +330,20 @@ class TritonBackend(ChunkLoop):
         check_inputs(hidden, weight, bias, call.rows, call.targets)
         if STRATEGY == "chunked":
             return super().aft_forward(hidden, weight, bias, call, need, objective)
-        logp, lse, _ = self.logprob_forward(
-            hidden, weight, bias, call.rows, call.targets, None, post=call.post
-        )
+        rows, targets, kw = call.rows, call.targets, call.post.kernel_kwargs()
+        logp, lse = linear_logprob_fwd(hidden, weight, bias, rows, targets, **kw)
         sums = torch.zeros(call.counts.numel(), dtype=torch.float32, device=hidden.device)
         sums.index_add_(0, call.segments, logp)
         dsum = objective.unit(sums, 0, call.plan.num_groups)
         loss, vft, align = objective.result(sums)
         grads: MaybeGrads = (None, None, None)
         if any(need):
-            coef = torch.zeros_like(sums) if dsum is None else dsum  # None: no group reaches the loss
-            grads = self.logprob_backward(
+            dsum = torch.zeros_like(sums) if dsum is None else dsum  # None: no group reaches the loss
+            coef = dsum[call.segments]
+            grads = _cast(
+                _fused_grads(hidden, weight, bias, rows, targets, lse, coef, need, call.post),
                 hidden,
                 weight,
                 bias,
-                call.rows,
-                call.targets,
-                lse,
-                coef[call.segments],
-                need,
-                None,
-                post=call.post,
             )
         return AFTResult(loss=loss, vft=vft, align=align, sums=sums, grads=grads)
