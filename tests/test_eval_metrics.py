@@ -303,11 +303,18 @@ def test_form_assessment_hand_made(stored):
         (-0.3, True, "running_total", True),
         (-0.2, False, "running_total", True),
     ]
-    # Another task: nothing by form.
+    # GSM8K-style data: its chains are checked step by step (verified assessment), but nothing by form.
     other = CandidateGroup(
         "o", "What is 2 + 2?", "4", "number", "#### 4", [Candidate("#### 4", correct=True)]
     )
-    assert form_assessment([other], [Scored([-0.1])]) == {} and form_scores([other], [Scored([-0.1])]) == []
+    out = form_assessment([other], [Scored([-0.1])])
+    assert out == {"assess_acc_verified": None, "assess_pairs_verified": 0}  # one candidate: no pair
+    assert form_scores([other], [Scored([-0.1])]) == []
+    # Multiple choice: no chain checker, nothing at all.
+    choice = CandidateGroup(
+        "c", "Which? \nAnswer Choices: (A) 1 (B) 2", "B", "option", None, [Candidate("B", correct=True)]
+    )
+    assert form_assessment([choice], [Scored([-0.1])]) == {}
 
 
 def test_plot_scores_by_form(tmp_path):

@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from aft_fast.data.answers import answers_match, extract_answer
 from aft_fast.data.candidates import CandidateGroup, label_candidates, write_candidates
-from aft_fast.data.chains import FORMS, check_chain, is_checkable
+from aft_fast.data.chains import FORMS, check_chain, checker_of, is_checkable
 from aft_fast.data.collate import collate, encode_group
 from aft_fast.data.formats import Example
 from aft_fast.eval import metrics
@@ -111,8 +111,13 @@ def split_scores(groups: list[CandidateGroup], scored: list[Scored]) -> tuple[li
 
 
 def checkable(groups: list[CandidateGroup]) -> bool:
-    """Whether every group is an embedded-task question (chain checking applies)."""
+    """Whether every group's chains can be checked step by step (the embedded task, GSM8K-style data)."""
     return bool(groups) and all(is_checkable(g.question) for g in groups)
+
+
+def has_forms(groups: list[CandidateGroup]) -> bool:
+    """Whether every group is an embedded-task question, whose chains follow one of its solution forms."""
+    return bool(groups) and all(checker_of(g.question) == "forms" for g in groups)
 
 
 def reference_form(group: CandidateGroup) -> str | None:
@@ -137,32 +142,35 @@ def chain_info(group: CandidateGroup) -> list[tuple[bool, bool | None, str | Non
 
 
 def form_assessment(groups: list[CandidateGroup], scored: list[Scored]) -> dict[str, Any]:
-    """Assessment misalignment by form and assessment under the verified rule (keys without the "eval/"
-    prefix); empty unless every group is an embedded-task question."""
+    """Assessment under the verified rule where chains can be checked, and assessment misalignment by form
+    on the embedded task (keys without the "eval/" prefix); empty where chains cannot be checked."""
     if not checkable(groups):
         return {}
+    forms = has_forms(groups)
     infos = [chain_info(g) for g in groups]
     refs = [reference_form(g) for g in groups]
     out: dict[str, Any] = {}
     for suffix, label in (("", lambda a, ok: a), ("_verified", lambda a, ok: a and bool(ok))):
         labels = [[int(label(a, ok)) for a, ok, _ in info] for info in infos]
-        m = metrics.misranking_by_form(
-            (s.scores, lab, [f for _, _, f in info], ref)
-            for s, lab, info, ref in zip(scored, labels, infos, refs, strict=True)
-        )
-        out.update(
-            {
-                f"misranked_same_form{suffix}": m.same_form,
-                f"misranked_other_form{suffix}": m.other_form,
-                f"misranked_same_form_pairs{suffix}": m.same_pairs,
-                f"misranked_other_form_pairs{suffix}": m.other_pairs,
-            }
-        )
+        if forms:
+            m = metrics.misranking_by_form(
+                (s.scores, lab, [f for _, _, f in info], ref)
+                for s, lab, info, ref in zip(scored, labels, infos, refs, strict=True)
+            )
+            out.update(
+                {
+                    f"misranked_same_form{suffix}": m.same_form,
+                    f"misranked_other_form{suffix}": m.other_form,
+                    f"misranked_same_form_pairs{suffix}": m.same_pairs,
+                    f"misranked_other_form_pairs{suffix}": m.other_pairs,
+                }
+            )
         if suffix:
             a = metrics.assessment_accuracy((s.scores, lab) for s, lab in zip(scored, labels, strict=True))
             out.update({"assess_acc_verified": a.accuracy, "assess_pairs_verified": a.pairs})
-    shares = metrics.form_shares((f for info in infos for _, _, f in info), FORMS)
-    out.update({f"sample_form_{k}": v for k, v in shares.items()})
+    if forms:
+        shares = metrics.form_shares((f for info in infos for _, _, f in info), FORMS)
+        out.update({f"sample_form_{k}": v for k, v in shares.items()})
     return out
 
 
@@ -171,7 +179,7 @@ def form_scores(
 ) -> list[tuple[float, bool, str | None, bool]]:
     """(score, answer right, form, same form as the reference) per candidate, for the by-form histogram;
     empty unless every group is an embedded-task question."""
-    if not checkable(groups):
+    if not has_forms(groups):
         return []
     out = []
     for g, s in zip(groups, scored, strict=True):
