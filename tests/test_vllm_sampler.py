@@ -5,7 +5,8 @@
 - greedy decoding with vLLM equals Hugging Face greedy on a tiny Llama, token for token (where they part,
   only at a near-tie of the model's own logits, bounded below);
 - the sample stage under --sampler vllm writes a valid candidate file whose labels and counts follow from
-  the text, byte-identical on a second run with the same seed; its metadata has the hf run's fields;
+  the text, byte-identical on a second run with the same seed, there on two ranks with an engine each;
+  its metadata has the hf run's fields;
 - eval runs with --sampler vllm.
 
 The tests that run vLLM create its environment with `make vllm-env` when it is missing (as `make test`
@@ -39,7 +40,7 @@ from aft_fast.eval.vllm_sampler import (
 from aft_fast.models.folders import save_hf_folder
 from aft_fast.models.loading import load_replica, load_tokenizer, tiny_llama_config
 from aft_fast.train.sample import group_stats, meta_path
-from tests._train_support import ROOT, check, clean_env, run_python
+from tests._train_support import ROOT, check, clean_env, launch, run_python
 
 # Small enough for a 2-core machine: one engine start is most of each test's time.
 STAGE_ARGS = [
@@ -175,8 +176,8 @@ def test_greedy_matches_hf_token_for_token(tiny_model, vllm_python):
     assert len(lengths) > 1, "some chains end before max_new_tokens (eos), some do not"
 
 
-def _sample(run_dir: Path, model: Path, python: str, sampler: str = "vllm", seed: int = 0) -> Path:
-    args = [
+def _stage_args(run_dir: Path, model: Path, python: str, sampler: str, seed: int) -> list[str]:
+    return [
         "--stage=sample",
         f"--sampler={sampler}",
         f"--vllm_python={python}",
@@ -185,15 +186,21 @@ def _sample(run_dir: Path, model: Path, python: str, sampler: str = "vllm", seed
         f"--seed={seed}",
         *STAGE_ARGS,
     ]
-    check(run_python(args, env=clean_env(), timeout=600))
+
+
+def _sample(run_dir: Path, model: Path, python: str, sampler: str = "vllm", seed: int = 0) -> Path:
+    check(run_python(_stage_args(run_dir, model, python, sampler, seed), env=clean_env(), timeout=600))
     return run_dir / "candidates.jsonl"
 
 
 @pytest.fixture(scope="session")
 def vllm_runs(tiny_model, vllm_python, tmp_path_factory) -> tuple[Path, Path]:
-    """Two sample stages under --sampler vllm with the same seed, in two run folders."""
+    """The sample stage under --sampler vllm with the same seed twice: in one process, and on two ranks
+    (DeepSpeed on the CPU), each sampling its share of the batches with an engine of its own."""
     root = tmp_path_factory.mktemp("vllm_runs")
-    return _sample(root / "a", tiny_model, vllm_python), _sample(root / "b", tiny_model, vllm_python)
+    one = _sample(root / "one", tiny_model, vllm_python)
+    check(launch(2, _stage_args(root / "two", tiny_model, vllm_python, "vllm", 0), timeout=900))
+    return one, root / "two" / "candidates.jsonl"
 
 
 def test_sample_stage_writes_a_valid_candidate_file(vllm_runs):
@@ -221,7 +228,10 @@ def test_sample_stage_writes_a_valid_candidate_file(vllm_runs):
     assert meta["answer_positives_false_step"] == stats.false_step
 
 
+@pytest.mark.distributed
 def test_same_seed_same_candidate_file(vllm_runs):
+    """Every batch is reseeded by its index, on whichever rank's engine runs it: the same seed gives the
+    same file, whatever the process count."""
     a, b = vllm_runs
     assert a.read_bytes() == b.read_bytes()
     assert meta_path(a).read_text() == meta_path(b).read_text()
