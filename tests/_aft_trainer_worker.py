@@ -17,9 +17,8 @@ import torch
 from transformers import AutoTokenizer
 
 from aft_fast.integrations.trl import AFTConfig, AFTTrainer, patch_trl
-from tests._integration_support import tiny_llama
+from tests._integration_support import sgd_steps_args, tiny_llama
 
-LR = 0.5
 ZERO3 = {
     "train_batch_size": "auto",
     "train_micro_batch_size_per_gpu": "auto",
@@ -40,24 +39,9 @@ ZERO3 = {
 def main(out: Path, tokenizer_dir: str, candidates: str, backend: str) -> None:
     torch.set_num_threads(1)
     args = AFTConfig(
-        output_dir=str(out),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        max_length=64,
-        deepspeed=ZERO3 if backend == "zero3" else None,
+        **sgd_steps_args(
+            out, dataloader_num_workers=0, max_length=64, deepspeed=ZERO3 if backend == "zero3" else None
+        )
     )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     patch_trl()  # harmless here, and the README's line: the trainer must work with it in place
@@ -117,24 +101,12 @@ def dpo(out: Path, tokenizer_dir: str) -> None:
     for head in ("trl", "aft_fast"):
         (patch_trl if head == "aft_fast" else unpatch_trl)()
         args = DPOConfig(
-            output_dir=str(out / head),
-            max_steps=2,
-            per_device_train_batch_size=2,
-            learning_rate=LR,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            max_grad_norm=0.0,
-            bf16=False,
-            activation_checkpointing=False,  # TRL's configs default to True
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            seed=0,
-            deepspeed=ZERO3,
+            **sgd_steps_args(
+                out / head,
+                bf16=False,
+                activation_checkpointing=False,  # TRL's configs default to True
+                deepspeed=ZERO3,
+            )
         )
         model = tiny_llama(len(tokenizer), tie=True, initializer_range=0.3)
         ref = tiny_llama(len(tokenizer), tie=True, initializer_range=0.3)

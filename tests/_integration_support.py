@@ -12,6 +12,34 @@ from aft_fast.data.candidates import Candidate, CandidateGroup
 from aft_fast.data.collate import collate
 from aft_fast.reference import aft_loss_ref
 
+# The trainer tests' run: two plain SGD steps at a constant rate on the CPU, a log line a step, nothing saved
+# or reported (their reference steps assume exactly this).
+LR = 0.5
+
+
+def sgd_steps_args(output_dir: Path | str, **kw) -> dict:
+    """The keywords of a Hugging Face TrainingArguments (AFTConfig, DPOConfig, SFTConfig) for that run, plus
+    `kw`."""
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
+
+
 TEXTS = [
     f"{a} + {b} = {a + b}. {a} - {b} = {a - b}. {a} * {b} = {a * b}" for a in range(12) for b in range(9)
 ]
@@ -84,12 +112,8 @@ def reference_step(model, items, tokenizer, **loss) -> tuple[float, dict[str, to
     out = aft_loss_ref(
         hidden.flatten(0, 1),
         model.lm_head.weight,
-        rows=batch.rows,
-        targets=batch.targets,
-        segments=batch.segments,
-        group=batch.group,
-        label=batch.label,
-        is_reference=batch.is_reference,
+        **batch.token_index(),
+        **batch.group_inputs(),
         **loss,
     )
     out.loss.backward()

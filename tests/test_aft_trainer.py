@@ -18,12 +18,18 @@ from aft_fast.data.candidates import write_candidates  # noqa: E402
 from aft_fast.data.formats import prompt_text  # noqa: E402
 from aft_fast.integrations.hf import encode_dataset  # noqa: E402
 from aft_fast.integrations.trl import AFTConfig, AFTTrainer  # noqa: E402
-from tests._integration_support import make_groups, make_tokenizer, reference_step, tiny_llama  # noqa: E402
+from tests._integration_support import (  # noqa: E402
+    LR,
+    make_groups,
+    make_tokenizer,
+    reference_step,
+    sgd_steps_args,
+    tiny_llama,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "aft_trainer.py"
 README_MARKER = "<!-- tests/test_aft_trainer.py runs this block -->"
-LR = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +38,7 @@ def tokenizer(tmp_path_factory):
 
 
 def config(tmp_path: Path, **kw) -> AFTConfig:
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        max_length=64,
-    )
-    return AFTConfig(**{**base, **kw})
+    return AFTConfig(**{**sgd_steps_args(tmp_path / "out", dataloader_num_workers=0, max_length=64), **kw})
 
 
 class Recorder:

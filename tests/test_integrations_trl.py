@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, TrainerCallback
 
-from tests._integration_support import make_tokenizer, tiny_llama
+from tests._integration_support import make_tokenizer, sgd_steps_args, tiny_llama
 
 trl = pytest.importorskip("trl", reason="the trl extra: pip install -e '.[trl]'")
 from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
@@ -314,25 +314,13 @@ def _trl_run(kind, tokenizer, head, tmp_path, monkeypatch):
     model, ref = twins(vocab=len(tokenizer))
     config, trainer_class = (DPOConfig, DPOTrainer) if kind == "dpo" else (SFTConfig, SFTTrainer)
     args = config(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        bf16=False,
-        fp16=False,
-        activation_checkpointing=False,  # TRL's configs default to True
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=0,
-        disable_tqdm=True,
+        **sgd_steps_args(
+            tmp_path,
+            bf16=False,
+            fp16=False,
+            activation_checkpointing=False,  # TRL's configs default to True
+            dataloader_num_workers=0,
+        )
     )
     record = _Record()
     losses = []
