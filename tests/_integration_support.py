@@ -51,22 +51,34 @@ def make_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     return train_tokenizer(TEXTS, out_dir, vocab_size=300)
 
 
+def tiny_dims(
+    vocab: int,
+    hidden: int = 32,
+    intermediate: int = 64,
+    *,
+    layers: int = 2,
+    heads: int = 2,
+    tie: bool = False,
+    **kw,
+) -> dict:
+    """The config keywords of the tests' tiny random decoders: `layers` layers of `heads` attention heads
+    over two key-value heads, plus `kw`."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        **kw,
+    )
+
+
 def tiny_llama(vocab: int, seed: int = 0, tie: bool = False, **config) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **config,
-    )
+    dims = tiny_dims(vocab, tie=tie, max_position_embeddings=128, **config)
+    cfg = LlamaConfig(**dims, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(cfg).float()
 
 

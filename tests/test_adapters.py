@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from aft_fast.models import adapters
 from aft_fast.models.adapters import LoraSettings, adapter_chain, adapter_state_dict, add_lora
 from aft_fast.models.loading import check_model_dir, check_vocab, load_replica, load_tokenizer, save_hf_folder
+from tests._integration_support import tiny_dims
 from tests._train_support import make_assets
 
 LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -23,15 +24,7 @@ LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def tiny(tied: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    config = LlamaConfig(**tiny_dims(40, 16, 24, tie=tied))
     return AutoModelForCausalLM.from_config(config)
 
 

@@ -19,24 +19,15 @@ from aft_fast.data.collate import collate
 from aft_fast.models import attention
 from aft_fast.models.forward import forward_hidden, segment_logprobs
 from aft_fast.models.logits import UnsupportedModelError, check_against_model, logit_processing
+from tests._integration_support import tiny_dims
 from tests.conftest import backends_under_test
 from tests.test_packing import PAD, V, make_items
 
 LAYOUTS = ("padded", "packed", "shared")
 CPU = torch.device("cpu")
 
-COMMON = dict(
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-    pad_token_id=PAD,
-    bos_token_id=1,
-    eos_token_id=2,
+COMMON = tiny_dims(
+    V, intermediate=48, heads=4, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=1, eos_token_id=2
 )
 # A window of 5 positions is shorter than prompt + member (3-8 + 1-9 tokens): it bites inside members
 # and across the prompt, so a mask that ignored it would change the scores.

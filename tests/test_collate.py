@@ -14,6 +14,7 @@ from aft_fast.data.collate import collate, encode_example, encode_group, encode_
 from aft_fast.data.formats import Example, prompt_text
 from aft_fast.data.synthetic import generate_problems
 from aft_fast.models.forward import segment_logprobs
+from tests._integration_support import tiny_dims
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +78,7 @@ def test_prompt_and_chain_tokenize_like_the_joined_text(tokenizer, groups):
 
 def test_scores_equal_full_logits_of_a_causal_lm(tokenizer, groups):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    cfg = LlamaConfig(**tiny_dims(len(tokenizer), heads=4))
     lm = LlamaForCausalLM(cfg).eval()
     b = collate([encode_group(g, tokenizer) for g in groups], pad_id=tokenizer.pad_token_id, max_length=512)
     sums = segment_logprobs(lm, b)

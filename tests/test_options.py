@@ -17,6 +17,7 @@ from aft_fast.models.forward import AFTModel
 from aft_fast.options import LossOptions
 from aft_fast.reference import aft_loss_ref
 from aft_fast.train.config import TrainConfig
+from tests._integration_support import tiny_dims
 
 DEFAULTS = {"mode": "bcl", "beta": 1.0, "w_vft": 1.0, "w_align": 1.0, "dpo_beta": 0.1, "pro_tau": 1.0}
 
@@ -126,15 +127,7 @@ def test_the_issue_cases_are_refused():
 
 
 def _tiny_lm() -> torch.nn.Module:
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
+    config = LlamaConfig(**tiny_dims(32, 16, 32, layers=1, max_position_embeddings=16))
     return LlamaForCausalLM(config)
 
 

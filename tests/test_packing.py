@@ -23,6 +23,7 @@ from aft_fast.data.collate import collate
 from aft_fast.models import attention
 from aft_fast.models.forward import forward_hidden
 from aft_fast.train.config import InputError, TrainConfig
+from tests._integration_support import tiny_dims
 
 V = 61
 PAD = 0
@@ -194,17 +195,7 @@ def test_flash_varlen_boundaries():
 # ---------------------------------------------------------------------------------------------------------
 # Models: every member's score and its gradients equal those of the padded layout.
 
-COMMON = dict(
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-    pad_token_id=PAD,
-)
+COMMON = tiny_dims(V, intermediate=48, heads=4, max_position_embeddings=128, pad_token_id=PAD)
 ARCHS = {
     "llama": lambda impl: LlamaForCausalLM(LlamaConfig(**COMMON, attn_implementation=impl)),
     # A window shorter than prompt + member, so it bites inside members and across the prompt.
