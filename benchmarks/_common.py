@@ -52,6 +52,16 @@ def cuda_peak_reset():
     return torch.cuda.memory_allocated()
 
 
+def add_problem_args(parser, *, tokens: int, hidden: int, vocab: int, dtypes: dict, dtype: str) -> None:
+    """The loss benchmarks' problem, with their defaults: --tokens T, --hidden H, --vocab V, --k candidates
+    per group (6), --dtype (one of `dtypes`)."""
+    parser.add_argument("--tokens", type=int, default=tokens, help="scored tokens T")
+    parser.add_argument("--hidden", type=int, default=hidden, help="hidden size H")
+    parser.add_argument("--vocab", type=int, default=vocab, help="vocabulary size V")
+    parser.add_argument("--k", type=int, default=6, help="candidates per group")
+    parser.add_argument("--dtype", choices=list(dtypes), default=dtype)
+
+
 def time_call(fn, repeats: int, warmup: int = 1, sync=None) -> list[float]:
     """Wall-clock seconds of `repeats` calls after `warmup` discarded ones."""
     for _ in range(warmup):

@@ -261,11 +261,7 @@ def report_path(out: Path, gpu: str, when: dt.datetime) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=8192, help="scored tokens T")
-    parser.add_argument("--hidden", type=int, default=4096, help="hidden size H")
-    parser.add_argument("--vocab", type=int, default=128256, help="vocabulary size V")
-    parser.add_argument("--k", type=int, default=6, help="candidates per group")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    _common.add_problem_args(parser, tokens=8192, hidden=4096, vocab=128256, dtypes=DTYPES, dtype="bf16")
     parser.add_argument("--mode", choices=MODES, default="fwd_bwd")
     parser.add_argument("--weight-std", type=float, default=0.02,
                         help="std of the LM head entries (0.02: an initialized head)")

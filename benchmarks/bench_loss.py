@@ -252,11 +252,7 @@ def cpp_paths() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096, help="scored tokens T")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden size H")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size V")
-    parser.add_argument("--k", type=int, default=6, help="candidates per group")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    _common.add_problem_args(parser, tokens=4096, hidden=1024, vocab=32000, dtypes=DTYPES, dtype="fp32")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per provider and round")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds over the providers, each in a fresh process (median over all calls)")

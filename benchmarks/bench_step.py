@@ -41,32 +41,22 @@ HERE = Path(__file__).resolve()
 PROVIDERS = ["naive", "padded", "packed", "shared"]
 OPTIMIZER_PROVIDERS = ["full", "lora"]  # a whole training step (optimizer included), full vs adapters
 LORA_RANK = 16
-# Llama-architecture shapes (random init: speed does not depend on the weights).
+# Llama-architecture shapes (random init: speed does not depend on the weights), one row a model.
+SHAPE = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 MODELS = {
-    "llama_tiny": dict(
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=8000,
-    ),
-    "llama_small": dict(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=32000,
-    ),
-    "llama_1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    ),
+    name: dict(zip(SHAPE, row, strict=True))
+    for name, row in {
+        "llama_tiny": (128, 344, 2, 4, 4, 8000),
+        "llama_small": (512, 1408, 6, 8, 8, 32000),
+        "llama_1b": (2048, 8192, 16, 32, 8, 128256),
+    }.items()
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -246,16 +236,8 @@ def main() -> None:
         parser.error("--repeats: must be at least 1")
     if not 1 <= args.min_member <= args.max_member:
         parser.error("--min-member and --max-member: need 1 <= min <= max")
-    setting = dict(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        groups=args.groups,
-        k=args.k,
-        prompt=args.prompt,
-        members=f"{args.min_member}-{args.max_member}",
-        mode="bcl",
-    )
+    setting = {key: getattr(args, key) for key in ("model", "dtype", "device", "groups", "k", "prompt")}
+    setting.update(members=f"{args.min_member}-{args.max_member}", mode="bcl")
     env = _common.environment()
     results = {}
     for provider in providers:
