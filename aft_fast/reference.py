@@ -79,45 +79,16 @@ def group_loss_ref(
     A pair (i, j) is two candidates of one group with label[i] > label[j].
     """
     base, _, extra = mode.partition("+")
-    scores = sums / counts
+    s = sums / counts
     per_group = []
     for g in torch.unique(group).tolist():
-        members = [
-            i for i in range(len(group)) if int(group[i]) == g and not bool(is_reference[i])
-        ]
-        pairs = [(i, j) for i in members for j in members if int(label[i]) > int(label[j])]
+        members, pairs = _group_pairs(g, group, label, is_reference)
         if not pairs:
             continue
-        s = scores
         top = max(int(label[i]) for i in members)
         boundary = (min(s[i] for i in members if int(label[i]) == top) - beta).detach()
         threshold = {i: (2 * boundary - s[i]).detach() for i, _ in pairs}
-
-        if base == "align":
-            loss = _logsumexp_with_zero([s[j] - s[i] for i, j in pairs])
-        elif base == "dcl":
-            loss = _logsumexp_with_zero([s[j].detach() - s[i] for i, j in pairs])
-        elif base == "bcl":
-            terms = [s[j] - s[i] for i, j in pairs] + [threshold[i] - s[j] for i, j in pairs]
-            loss = _logsumexp_with_zero(terms)
-        elif base == "dpo":
-            if ref_logp is None:
-                raise ValueError("ref_logp: mode 'dpo' needs the reference model's log-probs")
-            margins = [
-                dpo_beta * ((sums[i] - ref_logp[i]) - (sums[j] - ref_logp[j])) for i, j in pairs
-            ]
-            loss = torch.stack([-F.logsigmoid(m) for m in margins]).mean()
-        elif base == "rrhf":
-            loss = torch.stack([torch.clamp(s[j] - s[i], min=0) for i, j in pairs]).sum()
-        elif base == "pro":
-            terms = []
-            for i in sorted({i for i, _ in pairs}):
-                below = [s[j] / pro_tau for ii, j in pairs if ii == i]
-                terms.append(torch.logsumexp(torch.stack([s[i] / pro_tau, *below]), 0) - s[i] / pro_tau)
-            loss = torch.stack(terms).sum()
-        else:
-            raise ValueError(f"mode: unknown mode {mode!r}")
-
+        loss = _pair_loss(base, mode, s, sums, pairs, threshold, ref_logp, dpo_beta, pro_tau)
         if extra == "bc":
             loss = loss + _logsumexp_with_zero([threshold[i] - s[j] for i, j in pairs])
         per_group.append(loss)
@@ -125,6 +96,52 @@ def group_loss_ref(
     if not per_group:
         return sums.sum() * 0.0
     return torch.stack(per_group).mean()
+
+
+def _group_pairs(
+    g: int, group: torch.Tensor, label: torch.Tensor, is_reference: torch.Tensor
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Group g's candidates (reference chains excluded: they feed L_vft only) and its pairs (i, j) with
+    label[i] > label[j], enumerated one by one as docs/design.md section 2 defines them."""
+    members = [i for i in range(len(group)) if int(group[i]) == g and not bool(is_reference[i])]
+    pairs = [(i, j) for i in members for j in members if int(label[i]) > int(label[j])]
+    return members, pairs
+
+
+def _pair_loss(
+    base: str,
+    mode: str,
+    s: torch.Tensor,
+    sums: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    threshold: dict[int, torch.Tensor],
+    ref_logp: torch.Tensor | None,
+    dpo_beta: float,
+    pro_tau: float,
+) -> torch.Tensor:
+    """One group's loss under the base objective (mode without its "+bc"), written pair by pair from the
+    formulas of docs/design.md section 2: s are the scores, sums the summed log-probs (dpo's margins)."""
+    if base == "align":
+        return _logsumexp_with_zero([s[j] - s[i] for i, j in pairs])
+    if base == "dcl":
+        return _logsumexp_with_zero([s[j].detach() - s[i] for i, j in pairs])
+    if base == "bcl":
+        terms = [s[j] - s[i] for i, j in pairs] + [threshold[i] - s[j] for i, j in pairs]
+        return _logsumexp_with_zero(terms)
+    if base == "dpo":
+        if ref_logp is None:
+            raise ValueError("ref_logp: mode 'dpo' needs the reference model's log-probs")
+        margins = [dpo_beta * ((sums[i] - ref_logp[i]) - (sums[j] - ref_logp[j])) for i, j in pairs]
+        return torch.stack([-F.logsigmoid(m) for m in margins]).mean()
+    if base == "rrhf":
+        return torch.stack([torch.clamp(s[j] - s[i], min=0) for i, j in pairs]).sum()
+    if base == "pro":
+        terms = []
+        for i in sorted({i for i, _ in pairs}):
+            below = [s[j] / pro_tau for ii, j in pairs if ii == i]
+            terms.append(torch.logsumexp(torch.stack([s[i] / pro_tau, *below]), 0) - s[i] / pro_tau)
+        return torch.stack(terms).sum()
+    raise ValueError(f"mode: unknown mode {mode!r}")
 
 
 def aft_loss_ref(
