@@ -59,6 +59,8 @@ MODELS = ("tiny", "smollm2_135m")
 
 
 def tiny_model(root: Path) -> Path:
+    """The embedded tiny Llama in root/tiny, tokenizer trained on the task, random weights drawn wide (std
+    0.2) so that its greedy chains vary token by token and sometimes end (std 0.02 repeats one token)."""
     from aft_fast.data.tokenizer import train_tokenizer
 
     texts = [prompt_text(p.question) + p.reference for p in generate_problems(300, seed=1)]

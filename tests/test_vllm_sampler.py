@@ -26,7 +26,6 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from aft_fast.data.candidates import CandidateGroup, label_candidates, read_candidates
 from aft_fast.data.collate import encode_prompt
-from aft_fast.data.formats import prompt_text
 from aft_fast.data.synthetic import generate_problems
 from aft_fast.eval.sampler import HFSampler, SamplingParams
 from aft_fast.eval.vllm_sampler import (
@@ -38,7 +37,7 @@ from aft_fast.eval.vllm_sampler import (
     engine_folder,
 )
 from aft_fast.models.folders import save_hf_folder
-from aft_fast.models.loading import load_replica, load_tokenizer, tiny_llama_config
+from aft_fast.models.loading import load_replica, load_tokenizer
 from aft_fast.train.sample import group_stats, meta_path
 from tests._train_support import ROOT, check, clean_env, launch, run_python
 
@@ -67,16 +66,9 @@ def vllm_python() -> str:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded tiny Llama, tokenizer trained on the task, random weights drawn wide (std 0.2) so
     that its greedy chains vary token by token and sometimes end (std 0.02 repeats one token)."""
-    from aft_fast.data.tokenizer import train_tokenizer
+    from benchmarks.bench_sample import tiny_model as make_tiny_model  # the benchmark's own tiny model
 
-    root = tmp_path_factory.mktemp("vllm_tiny")
-    texts = [prompt_text(p.question) + p.reference for p in generate_problems(300, seed=1)]
-    tok = train_tokenizer(texts, root / "tokenizer")
-    config = tiny_llama_config(tok)
-    config.initializer_range = 0.2
-    torch.manual_seed(0)
-    save_hf_folder(AutoModelForCausalLM.from_config(config), tok, root / "model")
-    return root / "model"
+    return make_tiny_model(tmp_path_factory.mktemp("vllm_tiny"))
 
 
 def test_missing_environment_is_refused_with_the_command_that_makes_it(tmp_path):
