@@ -103,3 +103,46 @@ def test_resume_refuses_a_different_run():
     spread = TrainConfig(aft_batch_size=8, aft_micro_batch_size=4, beta_from_spread=2.0)
     with pytest.raises(InputError, match="beta_from_spread: 0.0 -> 2.0"):
         check_resumable(saved, spread, "aft", 2)
+
+
+def test_sections_hold_every_field_once_and_group_help():
+    from aft_fast.train.config import SECTIONS, build_parser
+
+    names = [k for keys in SECTIONS.values() for k in keys]
+    assert sorted(names) == sorted(TrainConfig().to_dict()) and len(names) == len(set(names))
+    assert list(SECTIONS) == [
+        "run", "data", "model", "adapters", "optimizer", "vft", "sample", "aft", "eval", "engine"
+    ]  # fmt: skip
+    assert SECTIONS["vft"] == ("vft_steps", "vft_batch_size", "vft_micro_batch_size", "vft_lr")
+    text = build_parser().format_help()
+    assert text.index("aft section:") < text.index("\n  --beta ") < text.index("eval section:")
+    cfg = TrainConfig(aft_steps=7, aft_lr=3e-5, warmup_ratio=0.2)
+    s = cfg.schedule("aft")
+    assert (s.steps, s.batch_size, s.lr, s.warmup_ratio, s.grad_clip) == (7, 16, 3e-5, 0.2, 1.0)
+    assert cfg.schedule("vft").steps == 450
+
+
+def test_resume_compares_the_stage_section_not_the_engine():
+    from aft_fast.train.loop import check_resumable
+
+    saved = {"step": 4, "world_size": 1, "config": TrainConfig().to_dict()}
+    # How the computation runs (engine), where outputs go and what eval reads may change on resume...
+    for change in (
+        {"loss_backend": "torch"},
+        {"layout": "padded"},
+        {"merge_adapters": False, "eval_limit": 5},
+        {"num_samples": 3},
+    ):
+        check_resumable(saved, TrainConfig(**change), "aft", 1)
+    # ...what the stage trains on and how may not: the optimizer, the adapters, the data's rows and order.
+    for change, field in (
+        ({"weight_decay": 0.0}, "weight_decay"),
+        ({"lora_r": 4}, "lora_r"),
+        ({"prompt_format": "chat"}, "prompt_format"),
+        ({"seed": 1}, "seed"),
+        ({"vft_steps": 9}, "vft_steps"),
+    ):
+        stage = "vft" if field == "vft_steps" else "aft"
+        with pytest.raises(InputError, match=f"{field}: "):
+            check_resumable(saved, TrainConfig(**change), stage, 1)
+    check_resumable(saved, TrainConfig(vft_steps=9), "aft", 1)  # another stage's section

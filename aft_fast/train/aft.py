@@ -131,10 +131,7 @@ def run_aft(
         init_model=init_model,
         tokenizer=tokenizer,
         mode=mode,
-        steps=cfg.aft_steps,
-        batch_size=cfg.aft_batch_size,
-        micro_batch=cfg.aft_micro_batch_size,
-        lr=cfg.aft_lr,
+        schedule=cfg.schedule("aft"),
         out_dir=cfg.stage_model_dir("aft"),
         layout=cfg.layout,
     )

@@ -29,7 +29,7 @@ from aft_fast.models.forward import AFTModel
 from aft_fast.models.loading import load_partitioned
 from aft_fast.options import LossOptions
 from aft_fast.train import checkpoint
-from aft_fast.train.config import InputError, TrainConfig
+from aft_fast.train.config import RESUME_KEYS, RESUME_SECTIONS, SECTIONS, InputError, Schedule, TrainConfig
 from aft_fast.train.diagnostics import gradient_norms, pair_stats
 from aft_fast.train.engine import (
     Dist,
@@ -44,17 +44,11 @@ from aft_fast.train.logging import MetricsLogger, print0, progress
 KILL_ENV = "AFT_FAST_KILL_AT"  # "<stage>:<step>": tests use it to SIGKILL every rank after that step
 
 
-ADAPTER_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "qlora")
-
-
 def check_resumable(saved: dict, cfg: TrainConfig, stage: str, world_size: int) -> None:
-    """A checkpoint continues only the run that wrote it: same data order, schedule, loss and process
-    count (ZeRO-3 shards are per rank). Anything else would resume a different run silently."""
-    keys = ["seed", "max_length", "warmup_ratio", "min_lr_ratio", "weight_decay", "grad_clip"]
-    keys += [f"{stage}_{k}" for k in ("steps", "batch_size", "micro_batch_size", "lr")]
-    keys += ["prompt_format", *ADAPTER_KEYS]  # the prompts trained on, and what trains (full or adapters)
-    if stage == "aft":
-        keys += [*LossOptions.names(), "beta_from_spread"]
+    """A checkpoint continues only the run that wrote it: the same stage section, optimizer, adapters,
+    data order and rows (config.RESUME_SECTIONS, RESUME_KEYS), and process count (ZeRO-3 shards are per
+    rank). Anything else would resume a different run silently."""
+    keys = [k for name in (stage, *RESUME_SECTIONS) for k in SECTIONS[name]] + list(RESUME_KEYS)
     diff = [
         f"{k}: {saved['config'].get(k)!r} -> {getattr(cfg, k)!r}"
         for k in keys
@@ -284,100 +278,133 @@ def train(
     init_model: Path,
     tokenizer: PreTrainedTokenizerBase,
     mode: TrainMode,
-    steps: int,
-    batch_size: int,
-    micro_batch: int,
-    lr: float,
+    schedule: Schedule,
     out_dir: Path,
     layout: str = "padded",
 ) -> StageResult:
-    """Train `init_model` on `items` for `steps` optimizer steps with the loss of `mode` (a row of
+    """Train `init_model` on `items` by `schedule` with the loss of `mode` (a row of
     aft_fast.constants.TRAIN_MODES; cfg.beta is the beta used), micro batches collated in `layout`
     (aft_fast/data/collate.py); write the consolidated Hugging Face folder `out_dir`. With cfg.resume,
     continue from the stage's latest checkpoint."""
-    accum = grad_accum_steps(batch_size, micro_batch, dist.world_size, stage)
-    config = ds_config(
-        cfg.deepspeed_config,
-        micro_batch=micro_batch,
-        grad_accum=accum,
-        world_size=dist.world_size,
-        grad_clip=cfg.grad_clip,
-    )
-    plan = StepPlan(len(items), micro_batch, dist.world_size, accum, cfg.seed)
-    ckpt_dir = cfg.run_path / "checkpoints" / stage
-    saved = _checkpoint_to_resume(cfg, dist, stage, ckpt_dir)
-    print0(
-        f"[{stage}] {len(items)} items, {steps} steps of {batch_size} ({micro_batch} per process x "
-        f"{dist.world_size} processes x {accum} accumulation), {model_dtype(config)}, lr {lr}, "
-        f"mode {mode.name} (loss {mode.loss}" + (f", beta {cfg.beta:.4g})" if mode.boundary else ")")
-    )
-    model, attn = build_model(
-        cfg, dist, stage=stage, init_model=init_model, config=config, mode=mode, layout=layout
-    )
-    peft = model.lm if cfg.lora_r else None  # the PeftModel around the frozen base (build_model)
-    lm = model.lm if peft is None else peft.get_base_model()
-    max_tokens = attn.row_budget(cfg.max_tokens_per_row)
-    engine = build_engine(
-        model,
-        config,
-        lr=lr,
-        steps=steps,
-        warmup_ratio=cfg.warmup_ratio,
-        min_lr_ratio=cfg.min_lr_ratio,
-        weight_decay=cfg.weight_decay,
-    )
-    start = 0
-    if saved is not None:
-        loaded = checkpoint.load(engine, ckpt_dir)
-        assert loaded is not None  # read_state found it above
-        start = int(loaded["step"])
-        print0(f"[{stage}] resumed from {ckpt_dir / str(checkpoint.latest_tag(ckpt_dir))} at step {start}")
-    logger = MetricsLogger(cfg.run_dir, stage, cfg.tensorboard)
-    meter = _Meter(cfg.beta if mode.boundary else None)
-    bar = progress(steps, stage, cfg.progress, initial=start)
-    tap = _HiddenTap(lm) if mode.ranking else None
-    t0, tokens, metrics = time.perf_counter(), 0, {}
-    engine.train()
-    for step in range(start, steps):
-        log_step = (step + 1) % cfg.log_every == 0 or step + 1 == steps
-        batches = (  # collated one at a time, as the forward passes take them
-            collate(
-                [items[i] for i in plan.micro_batch(step, accum_step, dist.rank)],
-                pad_id=tokenizer.pad_token_id,
-                max_length=cfg.max_length,
-                layout=layout,
-                max_tokens=max_tokens,
-            ).to(dist.device)
-            for accum_step in range(accum)
-        )
-        tokens += _optimizer_step(engine, model, batches, meter, tap if log_step else None)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == steps:
-            metrics = meter.reduce(engine.get_lr()[0], dist.device)
-            logger.log(done, metrics)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
-        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-            state = {"step": done, "stage": stage, "world_size": dist.world_size, "config": cfg.to_dict()}
-            checkpoint.save(engine, ckpt_dir, done, state, cfg.keep_checkpoints)
-        _kill_hook(stage, done)
-        bar.update()
-    bar.close()
-    logger.close()
-    if tap is not None:
-        tap.handle.remove()
+    run = _StageRun(cfg, dist, stage, schedule, init_model=init_model, mode=mode, layout=layout)
+    print0(f"[{stage}] {len(items)} items, {run.describe()}")
+    plan = StepPlan(len(items), schedule.micro_batch_size, dist.world_size, run.accum, cfg.seed)
+    max_tokens = run.attn.row_budget(cfg.max_tokens_per_row)
+
+    def micro_batches(step: int) -> Iterable[Batch]:  # collated one at a time, as the forwards take them
+        for accum_step in range(run.accum):
+            rows = [items[i] for i in plan.micro_batch(step, accum_step, dist.rank)]
+            pad = tokenizer.pad_token_id
+            batch = collate(rows, pad_id=pad, max_length=cfg.max_length, layout=layout, max_tokens=max_tokens)
+            yield batch.to(dist.device)
+
+    t0 = time.perf_counter()
+    tokens, metrics = run.steps(range(run.start, schedule.steps), micro_batches)
     seconds = time.perf_counter() - t0
     local = torch.tensor([float(tokens)], device=dist.device)
     deepspeed.comm.all_reduce(local)
-    trainer_state = {"stage": stage, "steps": steps, "config": cfg.to_dict(), "metrics": metrics}
-    if peft is not None:  # a PEFT adapter folder (and with merge_adapters the merged model beside it)
-        merged = out_dir.with_name(f"{out_dir.name}_merged") if cfg.merge_adapters else None
-        dtype = model_dtype(config)
-        adapters.save_stage(peft, tokenizer, out_dir, trainer_state, merged_dir=merged, dtype=dtype)
+    trainer_state = {"stage": stage, "steps": schedule.steps, "config": cfg.to_dict(), "metrics": metrics}
+    run.save(tokenizer, out_dir, trainer_state)
+    return StageResult(schedule.steps, seconds, float(local.item()) / max(seconds, 1e-9), metrics)
+
+
+class _StageRun:
+    """One stage's engine from its setup (resumed from its latest checkpoint with cfg.resume) to its saved
+    folder: the step loop with its logging, diagnostics and checkpoints, then the save."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dist: Dist,
+        stage: str,
+        schedule: Schedule,
+        *,
+        init_model: Path,
+        mode: TrainMode,
+        layout: str,
+    ):
+        self.cfg, self.dist, self.stage, self.schedule, self.mode = cfg, dist, stage, schedule, mode
+        self.accum = grad_accum_steps(schedule.batch_size, schedule.micro_batch_size, dist.world_size, stage)
+        self.config = ds_config(
+            cfg.deepspeed_config,
+            micro_batch=schedule.micro_batch_size,
+            grad_accum=self.accum,
+            world_size=dist.world_size,
+            grad_clip=schedule.grad_clip,
+        )
+        self.ckpt_dir = cfg.run_path / "checkpoints" / stage
+        saved = _checkpoint_to_resume(cfg, dist, stage, self.ckpt_dir)
+        self.model, self.attn = build_model(
+            cfg, dist, stage=stage, init_model=init_model, config=self.config, mode=mode, layout=layout
+        )
+        self.peft = self.model.lm if cfg.lora_r else None  # the PeftModel around the frozen base
+        self.lm = self.model.lm if self.peft is None else self.peft.get_base_model()
+        self.engine = build_engine(
+            self.model,
+            self.config,
+            lr=schedule.lr,
+            steps=schedule.steps,
+            warmup_ratio=schedule.warmup_ratio,
+            min_lr_ratio=schedule.min_lr_ratio,
+            weight_decay=schedule.weight_decay,
+        )
+        self.start = 0
+        if saved is not None:
+            loaded = checkpoint.load(self.engine, self.ckpt_dir)
+            assert loaded is not None  # read_state found it above
+            self.start = int(loaded["step"])
+            tag = checkpoint.latest_tag(self.ckpt_dir)
+            print0(f"[{stage}] resumed from {self.ckpt_dir / str(tag)} at step {self.start}")
+        self.meter = _Meter(cfg.beta if mode.boundary else None)
+        self.tap = _HiddenTap(self.lm) if mode.ranking else None
+
+    def describe(self) -> str:
+        s, mode = self.schedule, self.mode
+        return (
+            f"{s.steps} steps of {s.batch_size} ({s.micro_batch_size} per process x {self.dist.world_size} "
+            f"processes x {self.accum} accumulation), {model_dtype(self.config)}, lr {s.lr}, mode "
+            f"{mode.name} (loss {mode.loss}" + (f", beta {self.cfg.beta:.4g})" if mode.boundary else ")")
+        )
+
+    def steps(self, steps: range, micro_batches) -> tuple[int, dict]:
+        """Optimizer steps `steps` (of 0..steps.stop); returns the tokens read and the last metrics."""
+        cfg, last = self.cfg, steps.stop
+        logger = MetricsLogger(cfg.run_dir, self.stage, cfg.tensorboard)
+        bar = progress(last, self.stage, cfg.progress, initial=steps.start)
+        tokens, metrics = 0, {}
+        self.engine.train()
+        for step in steps:
+            done = step + 1
+            log_step = done % cfg.log_every == 0 or done == last
+            tap = self.tap if log_step else None
+            tokens += _optimizer_step(self.engine, self.model, micro_batches(step), self.meter, tap)
+            if log_step:
+                metrics = self.meter.reduce(self.engine.get_lr()[0], self.dist.device)
+                logger.log(done, metrics)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+            if cfg.save_every and done % cfg.save_every == 0 and done < last:
+                state = {"step": done, "stage": self.stage, "world_size": self.dist.world_size}
+                state["config"] = cfg.to_dict()
+                checkpoint.save(self.engine, self.ckpt_dir, done, state, cfg.keep_checkpoints)
+            _kill_hook(self.stage, done)
+            bar.update()
+        bar.close()
+        logger.close()
+        if self.tap is not None:
+            self.tap.handle.remove()
+        return tokens, metrics
+
+    def save(self, tokenizer: PreTrainedTokenizerBase, out_dir: Path, trainer_state: dict) -> None:
+        """The trained model as a Hugging Face folder (adapters: a PEFT folder, and with merge_adapters the
+        merged model beside it); the engine released (collective)."""
+        if self.peft is None:
+            _save_model(self.engine, self.lm, tokenizer, out_dir, trainer_state, self.dist.is_main)
+            return
+        merged = out_dir.with_name(f"{out_dir.name}_merged") if self.cfg.merge_adapters else None
+        dtype = model_dtype(self.config)
+        adapters.save_stage(self.peft, tokenizer, out_dir, trainer_state, merged_dir=merged, dtype=dtype)
         deepspeed.comm.barrier()
-        engine.destroy()
-    else:
-        _save_model(engine, lm, tokenizer, out_dir, trainer_state, dist.is_main)
-    return StageResult(steps, seconds, float(local.item()) / max(seconds, 1e-9), metrics)
+        self.engine.destroy()
 
 
 def _optimizer_step(

@@ -30,9 +30,6 @@ def run_vft(
         init_model=init_model,
         tokenizer=tokenizer,
         mode=TRAIN_MODES["vft"],
-        steps=cfg.vft_steps,
-        batch_size=cfg.vft_batch_size,
-        micro_batch=cfg.vft_micro_batch_size,
-        lr=cfg.vft_lr,
+        schedule=cfg.schedule("vft"),
         out_dir=cfg.stage_model_dir("vft"),
     )
