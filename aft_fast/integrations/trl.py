@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -80,20 +81,14 @@ def add_fused_lm_head(
     registered as an external parameter of `model`, so it stays gathered from this forward through its
     backward (the operator reads it in both).
     """
-    unknown = set(outputs) - {"log_probs", *OPTIONAL_OUTPUTS}
-    if unknown:
-        raise ValueError(
-            f"outputs: unknown field(s) {sorted(unknown)}; expected among log_probs, "
-            f"{', '.join(OPTIONAL_OUTPUTS)}"
-        )
+    extras = _optional_outputs(outputs)
     # The model's own post-processing, read as TRL reads it; an unknown one is refused by field name.
     processing = logit_processing(model.config, temperature=temperature)
     lm_head(model)
-    extras = tuple(name for name in OPTIONAL_OUTPUTS if name in outputs)
     text_config = model.config.get_text_config()
-    backbone_attr = "base_model"
-    if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
-        backbone_attr = "model"
+    spec = _FusedHead(
+        processing, cast_lm_head_to_fp32, extras, text_config, _backbone_attr(model, text_config)
+    )
     register_head_for_zero3(model)
     original_forward = model.forward
 
@@ -102,44 +97,81 @@ def add_fused_lm_head(
         self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
     ):
         if not fused_lm_head:
-            for name, value in (
-                ("labels", labels),
-                ("shift_labels", shift_labels),
-                ("num_items_in_batch", num_items_in_batch),
-            ):
-                if value is not None:
-                    kwargs[name] = value
-            return original_forward(*args, **kwargs)
-        if labels is None and shift_labels is None:
-            raise ValueError("fused_lm_head=True needs labels (or shift_labels): the tokens to score")
-        kwargs["use_cache"] = False
-        if getattr(text_config, "output_router_logits", False):
-            kwargs.setdefault("output_router_logits", True)
-        # Looked up on each call: FSDP and PEFT replace the backbone and head after patching.
-        backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
-        hidden = backbone_outputs.last_hidden_state
-        head = lm_head(self)  # looked up again: refuses an adapter on the head itself (PEFT's lora.Linear)
-        if shift_labels is None:
-            labels = labels[:, 1:]
-            hidden = hidden[:, :-1]
-        else:
-            labels = shift_labels
-        hidden = hidden.to(head.weight.device)
-        labels = labels.to(head.weight.device)
-        mask = labels != IGNORE_INDEX
-        per_token = _score(hidden, head, labels, mask, processing, cast_lm_head_to_fp32, extras)
-        log_probs, extra = per_token
-        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = -log_probs.sum() / count
-        aux_loss = None
-        if kwargs.get("output_router_logits"):
-            aux_loss = _load_balancing_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
-            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
-        return FusedCausalLMOutput(
-            loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux_loss, **extra
-        )
+            given = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return original_forward(*args, **kwargs, **{k: v for k, v in given.items() if v is not None})
+        return _fused_output(self, spec, args, kwargs, labels, shift_labels, num_items_in_batch)
 
     model.forward = types.MethodType(_fused_forward, model)
+
+
+@dataclass(frozen=True)
+class _FusedHead:
+    """What `add_fused_lm_head` reads from the model once, for every fused forward after it."""
+
+    processing: LogitProcessing
+    cast_fp32: bool
+    extras: tuple[str, ...]  # TRL's optional outputs asked for, in TRL's order
+    text_config: transformers.PretrainedConfig
+    backbone_attr: str
+
+
+def _optional_outputs(outputs: tuple[str, ...]) -> tuple[str, ...]:
+    """TRL's optional fields among `outputs`, in TRL's order; refuses a name TRL does not know up front,
+    rather than on the first forward."""
+    unknown = set(outputs) - {"log_probs", *OPTIONAL_OUTPUTS}
+    if unknown:
+        raise ValueError(
+            f"outputs: unknown field(s) {sorted(unknown)}; expected among log_probs, "
+            f"{', '.join(OPTIONAL_OUTPUTS)}"
+        )
+    return tuple(name for name in OPTIONAL_OUTPUTS if name in outputs)
+
+
+def _backbone_attr(model: transformers.PreTrainedModel, text_config: transformers.PretrainedConfig) -> str:
+    """The attribute that holds the backbone: `base_model`, except on a multimodal model (its text config
+    apart from its own) under transformers 4, where the text backbone is `model`."""
+    multimodal = text_config is not model.config
+    return "model" if multimodal and Version(transformers.__version__) < Version("5.0.0") else "base_model"
+
+
+def _fused_output(
+    model: nn.Module, spec: _FusedHead, args, kwargs, labels, shift_labels, num_items_in_batch
+) -> FusedCausalLMOutput:
+    """The fused forward: the backbone, then the scored positions through the operator, and TRL's loss."""
+    if labels is None and shift_labels is None:
+        raise ValueError("fused_lm_head=True needs labels (or shift_labels): the tokens to score")
+    kwargs["use_cache"] = False
+    if getattr(spec.text_config, "output_router_logits", False):
+        kwargs.setdefault("output_router_logits", True)
+    # Looked up on each call: FSDP and PEFT replace the backbone and head after patching.
+    backbone_outputs = getattr(model, spec.backbone_attr)(*args, **kwargs)
+    head = lm_head(model)  # looked up again: refuses an adapter on the head itself (PEFT's lora.Linear)
+    hidden, labels = _next_token_pairs(backbone_outputs.last_hidden_state, labels, shift_labels, head)
+    mask = labels != IGNORE_INDEX
+    log_probs, extra = _score(hidden, head, labels, mask, spec.processing, spec.cast_fp32, spec.extras)
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -log_probs.sum() / count
+    aux_loss = None
+    if kwargs.get("output_router_logits"):
+        aux_loss = _load_balancing_loss(
+            model, spec.text_config, backbone_outputs, kwargs.get("attention_mask")
+        )
+        loss = loss + getattr(spec.text_config, "router_aux_loss_coef", 0.0) * aux_loss
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux_loss, **extra)
+
+
+def _next_token_pairs(
+    hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None, head: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each hidden state with the label of the token it predicts, on the head's device: labels shifted
+    left by one (the last position predicts nothing), or TRL's pre-shifted `shift_labels` as they are."""
+    if shift_labels is None:
+        assert labels is not None  # the caller refuses neither being given
+        labels = labels[:, 1:]
+        hidden = hidden[:, :-1]
+    else:
+        labels = shift_labels
+    return hidden.to(head.weight.device), labels.to(head.weight.device)
 
 
 def _score(
@@ -152,18 +184,9 @@ def _score(
     extras: tuple[str, ...],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """Per-token log-probs [*mask.shape] (fp32, 0 where masked) and TRL's optional fields for them."""
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if DTensor is not None and isinstance(weight, DTensor):  # FSDP2 with the head sharded on its own
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if bias is not None else None
+    weight, bias = _full_head(head)
     device = hidden.device
-    if cast_fp32:
-        dtype, ctx = torch.float32, torch.autocast(device.type, enabled=False)
-    elif torch.is_autocast_enabled(device.type):
-        # Autocast does not reach into a custom autograd Function: cast as the head's matmul would be cast.
-        dtype, ctx = torch.get_autocast_dtype(device.type), torch.autocast(device.type, enabled=False)
-    else:
-        dtype, ctx = hidden.dtype, nullcontext()
+    dtype, ctx = _compute_dtype(hidden, cast_fp32)
     flat = hidden.reshape(-1, hidden.shape[-1])
     rows = mask.reshape(-1).nonzero().flatten()
     targets = labels.reshape(-1)[rows]
@@ -171,12 +194,11 @@ def _score(
     extra: dict[str, torch.Tensor | None] = {name: None for name in OPTIONAL_OUTPUTS}
     if rows.numel() == 0:
         # Keep the output connected to the model, so that an all-masked micro batch backpropagates a zero.
-        log_probs = log_probs + flat.sum() * 0.0
         for name in extras:
             extra[name] = torch.zeros(
                 mask.shape, dtype=torch.bool if name == "is_top1" else torch.float32, device=device
             )
-        return log_probs, extra
+        return log_probs + flat.sum() * 0.0, extra
     with ctx:
         h, w = flat.to(dtype), weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
@@ -191,22 +213,59 @@ def _score(
             **processing.options(),
         )
         if extras:
-            fields = ChunkedLogProbFunction.apply(
-                h[rows],
-                w,
-                b,
-                targets,
-                processing.temperature,
-                _TRL_CHUNK,
-                processing.softcap,
-                processing.logit_scale,
-                extras,
-            )
-            for name, value in zip(OPTIONAL_OUTPUTS, fields[1:], strict=True):
-                if value is not None:
-                    extra[name] = value.new_zeros(mask.shape).masked_scatter(mask, value)
-    log_probs = log_probs.masked_scatter(mask, scored)
-    return log_probs, extra
+            extra.update(_trl_fields(h[rows], w, b, targets, mask, processing, extras))
+    return log_probs.masked_scatter(mask, scored), extra
+
+
+def _full_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias as whole tensors: FSDP2 may shard the head on its own (a DTensor), and
+    the operator needs every vocabulary row."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if DTensor is not None and isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    return weight, bias
+
+
+def _compute_dtype(hidden: torch.Tensor, cast_fp32: bool) -> tuple[torch.dtype, AbstractContextManager]:
+    """The dtype the head runs in and the context to run it under: fp32 with autocast off when asked;
+    autocast's own dtype under autocast, cast by hand since autocast does not reach into a custom autograd
+    Function (as the head's matmul would be cast); else the hidden states' dtype."""
+    device = hidden.device
+    if cast_fp32:
+        return torch.float32, torch.autocast(device.type, enabled=False)
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type), torch.autocast(device.type, enabled=False)
+    return hidden.dtype, nullcontext()
+
+
+def _trl_fields(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    processing: LogitProcessing,
+    extras: tuple[str, ...],
+) -> dict[str, torch.Tensor]:
+    """TRL's optional per-token fields, from TRL's own kernel on the scored rows h, scattered back to
+    [*mask.shape] (zero where masked): the values TRL's head would give, entropy gradient included."""
+    fields = ChunkedLogProbFunction.apply(
+        h,
+        w,
+        b,
+        targets,
+        processing.temperature,
+        _TRL_CHUNK,
+        processing.softcap,
+        processing.logit_scale,
+        extras,
+    )
+    return {
+        name: value.new_zeros(mask.shape).masked_scatter(mask, value)
+        for name, value in zip(OPTIONAL_OUTPUTS, fields[1:], strict=True)
+        if value is not None
+    }
 
 
 def _load_balancing_loss(model: nn.Module, text_config, backbone_outputs, attention_mask) -> torch.Tensor:
