@@ -2,7 +2,7 @@
 reproduction script compute them, tests check them on hand-made cases. Pairs are the loss's own
 (`aft_fast.options.candidate_pairs`, label_i > label_j), so assessment accuracy counts what L_align ranks.
 
-Conventions (the README's "Evaluation" section repeats them):
+Conventions (docs/usage.md's "Evaluation" section repeats them):
 
 - answers are canonical strings from `aft_fast.data.answers.extract_answer` (or None: nothing readable).
   None never wins a vote and never matches the gold.
