@@ -43,37 +43,28 @@ def aft_loss(
     softcap: float | None = None,
     temperature: float = 1.0,
 ) -> AFTOutput:
-    """The AFT loss L = w_vft * L_vft + w_align * L_align, without materializing [T, V] logits.
+    """The AFT loss L = w_vft * L_vft + w_align * L_align without materializing [T, V] logits, as
+    AFTOutput(loss, scores [S] detached, vft_loss, align_loss).
 
-    Args:
-        hidden: [N, H] final-norm hidden states of every position of the packed batch (any float dtype).
-        weight: [V, H] LM head; bias: optional [V].
-        rows: [T] int64, the hidden row that predicts each scored token (rows may repeat: with prompt
-            sharing the last prompt position predicts the first token of every candidate).
-        targets: [T] int64 token ids. segments: [T] int64 in [0, S), each token's segment.
-        group: [S] int64, each segment's group (question). label: [S] int64, 1/0 for
-            positive/negative candidates, or a rank (higher is better). is_reference: [S] bool,
-            reference chains feed L_vft only.
-        mode: vft | align | dcl | bcl | dpo | rrhf | pro | dpo+bc | rrhf+bc | pro+bc (docs/design.md 2).
-            Default "bcl": the paper's boundary-constrained loss, its best performer.
-        beta (>= 0), w_vft, w_align (>= 0), dpo_beta, pro_tau (> 0): the loss options, declared with their
-            defaults and the reason for each in `aft_fast.options.LossOptions`.
-        ref_logp: [S] summed log-prob of each segment under the frozen reference model (dpo modes).
-        backend: auto | triton | cpp | torch. auto: triton on CUDA, cpp on CPU when built, else torch.
-        chunk_size: scored tokens per chunk. Default on CPU: a 64 MiB [chunk, V] fp32 buffer, grown (up
-            to 256 MiB) to the largest group, so that chunks hold whole groups and the gradient is
-            formed in the same pass as the loss; on CUDA (triton) 512 MiB in the input dtype, grown
-            up to 1 GiB (AFT_FAST_TRITON_CHUNK_MIB).
-        logit_scale, softcap, temperature: the model's logit post-processing (docs/design.md section 2).
-            With z = hidden[rows] @ weight^T + bias, the logits are
-            softcap * tanh(logit_scale * z / softcap) / temperature (softcap None: no tanh), as Gemma-2
-            (final_logit_softcapping), Cohere (logit_scale) or Granite (1 / logits_scaling) compute them;
-            applied inside the chunks, never as a [T, V] tensor. `aft_fast.models.logits.logit_processing`
-            reads them from a Hugging Face config. Defaults: the plain logits z.
-
-    Returns:
-        AFTOutput(loss, scores [S] detached, vft_loss, align_loss).
-    """
+    hidden: [N, H] final-norm hidden states of every position of the packed batch (any float dtype);
+    weight: [V, H] LM head; bias: optional [V]. Per scored token: rows [T] int64, the hidden row that
+    predicts it (rows may repeat: with prompt sharing the last prompt position predicts the first token of
+    every candidate); targets [T] int64, its token id; segments [T] int64 in [0, S), its segment.
+    Per segment: group [S] int64, its group (question); label [S] int64, 1/0 for a positive/negative
+    candidate or a rank (higher is better); is_reference [S] bool, reference chains feed L_vft only;
+    ref_logp [S], its summed log-prob under the frozen reference model (dpo modes).
+    mode: vft | align | dcl | bcl | dpo | rrhf | pro | dpo+bc | rrhf+bc | pro+bc (docs/design.md 2); default
+    "bcl", the paper's boundary-constrained loss, its best performer. beta (>= 0), w_vft, w_align (>= 0),
+    dpo_beta, pro_tau (> 0): the loss options; their defaults and reasons: `aft_fast.options.LossOptions`.
+    backend: auto | triton | cpp | torch. auto: triton on CUDA, cpp on CPU when built, else torch.
+    chunk_size: scored tokens per chunk. Default on CPU: a 64 MiB [chunk, V] fp32 buffer, grown (up to
+    256 MiB) to the largest group, so that chunks hold whole groups and the gradient forms in the loss's
+    pass; on CUDA (triton) 512 MiB in the input dtype, grown up to 1 GiB (AFT_FAST_TRITON_CHUNK_MIB).
+    logit_scale, softcap, temperature: the model's logit post-processing (docs/design.md section 2): with
+    z = hidden[rows] @ weight^T + bias, softcap * tanh(logit_scale * z / softcap) / temperature (softcap
+    None: no tanh), as Gemma-2 (final_logit_softcapping), Cohere (logit_scale) or Granite
+    (1 / logits_scaling) compute them, inside the chunks (never as a [T, V] tensor). Default: the plain
+    logits z; `aft_fast.models.logits.logit_processing` reads them from a Hugging Face config."""
     checks.check_projection(hidden, weight, bias)
     checks.check_options(chunk_size=chunk_size, backend=backend)
     options = LossOptions(mode=mode, beta=beta, w_vft=w_vft, w_align=w_align, dpo_beta=dpo_beta,
