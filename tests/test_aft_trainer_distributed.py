@@ -16,18 +16,21 @@ pytest.importorskip("trl", reason="the trl extra: pip install -e '.[trl]'")
 from safetensors.torch import load_file  # noqa: E402
 
 from aft_fast.data.candidates import write_candidates  # noqa: E402
-from tests._integration_support import make_groups, make_tokenizer, reference_step, tiny_llama  # noqa: E402
+from tests._integration_support import (  # noqa: E402
+    LR,  # tests/_aft_trainer_worker.py's
+    make_groups,
+    make_tokenizer,
+    reference_step,
+    tiny_llama,
+)
 from tests._train_support import PYTHON, ROOT, _run, check, clean_env, free_port  # noqa: E402
 
-LR = 0.5  # tests/_aft_trainer_worker.py's
 ACCELERATE = [PYTHON, "-m", "accelerate.commands.launch"]
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("backend", ["ddp", "zero3"])
-def test_two_processes_train_as_the_reference_says(tmp_path, backend):
-    tokenizer = make_tokenizer(tmp_path / "tokenizer")
-    write_candidates(tmp_path / "c.jsonl", make_groups(8))
+def launch_worker(tmp_path, candidates: str, task: str, timeout: float):
+    """tests/_aft_trainer_worker.py on 2 CPU processes under accelerate, the tokenizer in tmp_path/tokenizer:
+    returns its output folder, tmp_path/out."""
     out = tmp_path / "out"
     cmd = [
         *ACCELERATE,
@@ -45,10 +48,19 @@ def test_two_processes_train_as_the_reference_says(tmp_path, backend):
         str(ROOT / "tests" / "_aft_trainer_worker.py"),
         str(out),
         str(tmp_path / "tokenizer"),
-        str(tmp_path / "c.jsonl"),
-        backend,
+        candidates,
+        task,
     ]
-    check(_run(cmd, clean_env(PYTHONPATH=str(ROOT)), timeout=400))
+    check(_run(cmd, clean_env(PYTHONPATH=str(ROOT)), timeout=timeout))
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_two_processes_train_as_the_reference_says(tmp_path, backend):
+    tokenizer = make_tokenizer(tmp_path / "tokenizer")
+    write_candidates(tmp_path / "c.jsonl", make_groups(8))
+    out = launch_worker(tmp_path, str(tmp_path / "c.jsonl"), backend, timeout=400)
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 2
     assert result["distributed_type"].endswith("DEEPSPEED" if backend == "zero3" else "MULTI_CPU")
@@ -76,27 +88,7 @@ def test_two_processes_train_as_the_reference_says(tmp_path, backend):
 @pytest.mark.distributed
 def test_dpo_under_zero3_same_with_either_head(tmp_path):
     make_tokenizer(tmp_path / "tokenizer")
-    out = tmp_path / "out"
-    cmd = [
-        *ACCELERATE,
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(ROOT / "tests" / "_aft_trainer_worker.py"),
-        str(out),
-        str(tmp_path / "tokenizer"),
-        "-",
-        "dpo-zero3",
-    ]
-    check(_run(cmd, clean_env(PYTHONPATH=str(ROOT)), timeout=500))
+    out = launch_worker(tmp_path, "-", "dpo-zero3", timeout=500)
     result = json.loads((out / "result.json").read_text())
     assert result["distributed_type"].endswith("DEEPSPEED")
     assert result["heads"] == {"trl": "trl/trainer/utils.py", "aft_fast": "aft_fast/integrations/trl.py"}
