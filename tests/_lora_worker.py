@@ -9,30 +9,19 @@ import sys
 
 import deepspeed
 import torch
+from _train_support import zero3_rank  # the script's own folder, tests/, is on sys.path
 from safetensors.torch import load_file
 
-from aft_fast.data.candidates import read_candidates
-from aft_fast.data.collate import collate, encode_group
+from aft_fast.data.collate import collate
 from aft_fast.models import attention
 from aft_fast.models.adapters import LoraSettings, adapter_state_dict, add_lora
 from aft_fast.models.forward import AFTModel
-from aft_fast.models.loading import load_partitioned, load_tokenizer
-from aft_fast.train.engine import build_engine, ds_config, init_distributed, shutdown_distributed
+from aft_fast.train.engine import build_engine, shutdown_distributed
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 model_dir, candidates, out_path, micro, steps = *args[:3], int(args[3]), int(args[4])
 
-dist = init_distributed("gloo")
-tok = load_tokenizer(model_dir)
-items = [encode_group(g, tok) for g in read_candidates(candidates)]
-config = ds_config(
-    "configs/ds_zero3_cpu_fp32.json",
-    micro_batch=micro,
-    grad_accum=1,
-    world_size=dist.world_size,
-    grad_clip=0.0,
-)
-lm = load_partitioned(model_dir, config)
+dist, tok, items, config, lm = zero3_rank(model_dir, candidates, micro, grad_clip=0.0)
 attention.prepare(lm, "shared", dist.device)
 peft = add_lora(lm, LoraSettings(r=4, alpha=8.0, init_weights=False), base=model_dir, seed=0)
 before = adapter_state_dict(peft)

@@ -49,6 +49,56 @@ def make_assets(root: Path, n_groups: int = 24) -> dict[str, Path]:
     return {"model": root / "model", "candidates": root / "candidates.jsonl", "tokenizer": root / "tokenizer"}
 
 
+def aft_stage_args(
+    assets: dict[str, Path], run_dir: Path, steps: int, batch: int, micro: int, lr: str, *options: str
+) -> list[str]:
+    """train.py's arguments for `steps` AFT steps (`batch` groups a step, `micro` a micro batch, learning rate
+    `lr`) of the assets' model on their candidates into run_dir: mode bcl (beta 0.5), max_length 160, a log
+    line a step, no checkpoints, no progress bar or tensorboard; `options` last, so that they add to those
+    or override them."""
+    return [
+        "--stage=aft",
+        f"--vft_model={assets['model']}",
+        f"--candidates={assets['candidates']}",
+        f"--run_dir={run_dir}",
+        f"--aft_steps={steps}",
+        f"--aft_batch_size={batch}",
+        f"--aft_micro_batch_size={micro}",
+        f"--aft_lr={lr}",
+        "--mode=bcl",
+        "--beta=0.5",
+        "--max_length=160",
+        "--log_every=1",
+        "--save_every=0",
+        "--progress=false",
+        "--tensorboard=false",
+        *options,
+    ]
+
+
+def zero3_rank(model_dir: str, candidates: str, micro: int, grad_clip: float) -> tuple:
+    """The start of one rank of a worker under `deepspeed` on the CPU (tests/_lora_worker.py,
+    tests/_zero3_grads_worker.py): gloo initialised, the model's tokenizer, the candidate file's groups
+    encoded, the ZeRO-3 CPU fp32 config for `micro` groups a rank and step, and the model loaded
+    partitioned by it. Returns (dist, tokenizer, items, config, model)."""
+    from aft_fast.data.candidates import read_candidates
+    from aft_fast.data.collate import encode_group
+    from aft_fast.models.loading import load_partitioned, load_tokenizer
+    from aft_fast.train.engine import ds_config, init_distributed
+
+    dist = init_distributed("gloo")
+    tok = load_tokenizer(model_dir)
+    items = [encode_group(g, tok) for g in read_candidates(candidates)]
+    config = ds_config(
+        "configs/ds_zero3_cpu_fp32.json",
+        micro_batch=micro,
+        grad_accum=1,
+        world_size=dist.world_size,
+        grad_clip=grad_clip,
+    )
+    return dist, tok, items, config, load_partitioned(model_dir, config)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v

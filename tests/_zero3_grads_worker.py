@@ -7,28 +7,17 @@ import sys
 
 import deepspeed
 import torch
+from _train_support import zero3_rank  # the script's own folder, tests/, is on sys.path
 
-from aft_fast.data.candidates import read_candidates
-from aft_fast.data.collate import collate, encode_group
+from aft_fast.data.collate import collate
 from aft_fast.models import attention
 from aft_fast.models.forward import AFTModel
-from aft_fast.models.loading import load_partitioned, load_tokenizer
-from aft_fast.train.engine import build_engine, ds_config, init_distributed, shutdown_distributed
+from aft_fast.train.engine import build_engine, shutdown_distributed
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 model_dir, candidates, out_path, mode, micro, layout = *args[:4], int(args[4]), args[5]
 
-dist = init_distributed("gloo")
-tok = load_tokenizer(model_dir)
-items = [encode_group(g, tok) for g in read_candidates(candidates)]
-config = ds_config(
-    "configs/ds_zero3_cpu_fp32.json",
-    micro_batch=micro,
-    grad_accum=1,
-    world_size=dist.world_size,
-    grad_clip=1.0,
-)
-lm = load_partitioned(model_dir, config)
+dist, tok, items, config, lm = zero3_rank(model_dir, candidates, micro, grad_clip=1.0)
 attention.prepare(lm, layout, dist.device)
 head = lm.get_output_embeddings().weight
 partitioned = {

@@ -24,6 +24,7 @@ from aft_fast.models.loading import load_replica, load_tokenizer
 from aft_fast.reference import aft_loss_ref
 from aft_fast.train.checkpoint import latest_tag
 from tests._train_support import (
+    aft_stage_args,
     assert_weights_close,
     check,
     clean_env,
@@ -107,26 +108,7 @@ AFT_STEPS = 4
 
 
 def lora_args(assets: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--stage=aft",
-        f"--vft_model={assets['model']}",
-        f"--candidates={assets['candidates']}",
-        f"--run_dir={run_dir}",
-        f"--aft_steps={AFT_STEPS}",
-        "--aft_batch_size=6",
-        "--aft_micro_batch_size=3",
-        "--aft_lr=5e-3",
-        "--lora_r=4",
-        "--lora_alpha=8",
-        "--mode=bcl",
-        "--beta=0.5",
-        "--max_length=160",
-        "--log_every=1",
-        "--save_every=0",
-        "--progress=false",
-        "--tensorboard=false",
-        *extra,
-    ]
+    return aft_stage_args(assets, run_dir, AFT_STEPS, 6, 3, "5e-3", "--lora_r=4", "--lora_alpha=8", *extra)
 
 
 @pytest.fixture(scope="module")

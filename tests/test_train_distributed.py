@@ -23,6 +23,7 @@ from aft_fast.models.loading import load_tokenizer
 from aft_fast.reference import aft_loss_ref
 from aft_fast.train.checkpoint import latest_tag
 from tests._train_support import (
+    aft_stage_args,
     assert_weights_close,
     check,
     clean_env,
@@ -46,24 +47,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 def aft_args(assets: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
     # 24 groups, 8 per step: 3 steps per epoch, so 6 steps also cross an epoch boundary.
-    return [
-        "--stage=aft",
-        f"--vft_model={assets['model']}",
-        f"--candidates={assets['candidates']}",
-        f"--run_dir={run_dir}",
-        f"--aft_steps={STEPS}",
-        "--aft_batch_size=8",
-        "--aft_micro_batch_size=4",
-        "--aft_lr=1e-3",
-        "--mode=bcl",
-        "--beta=0.5",
-        "--max_length=160",
-        "--log_every=1",
-        "--save_every=0",
-        "--progress=false",
-        "--tensorboard=false",
-        *extra,
-    ]
+    return aft_stage_args(assets, run_dir, STEPS, 8, 4, "1e-3", *extra)
 
 
 @pytest.fixture(scope="module")
