@@ -38,35 +38,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks import _common, reproduce_report  # python -m benchmarks.reproduce
-    from benchmarks.reproduce_arms import (
-        _W,
-        ARMS,
-        LABELS,
-        _shared,
-        _worker_init,
-        arm_dir,
-        evaluate_model,
-        job_key,
-        prepare_base,
-        run_job,
-    )
-except ImportError:  # python benchmarks/reproduce.py: the script's own folder is on sys.path
-    import _common
-    import reproduce_report
-    from reproduce_arms import (
-        _W,
-        ARMS,
-        LABELS,
-        _shared,
-        _worker_init,
-        arm_dir,
-        evaluate_model,
-        job_key,
-        prepare_base,
-        run_job,
-    )
+if __package__ in (None, ""):  # python benchmarks/reproduce.py: the package imports from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _common, reproduce_report  # noqa: E402
+from benchmarks.reproduce_arms import (  # noqa: E402
+    _W,
+    ARMS,
+    LABELS,
+    _shared,
+    _worker_init,
+    arm_dir,
+    evaluate_model,
+    job_key,
+    prepare_base,
+    run_job,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

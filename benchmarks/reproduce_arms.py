@@ -13,10 +13,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks.reproduce_report import METRICS
-except ImportError:  # run as benchmarks/reproduce.py: the script's own folder is on sys.path
-    from reproduce_report import METRICS
+from benchmarks.reproduce_report import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 # arm -> the aft stage's --mode (aft_fast.constants.TRAIN_MODES): the control is continued VFT.

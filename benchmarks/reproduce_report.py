@@ -20,10 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-try:
-    from benchmarks import _common
-except ImportError:
-    import _common
+from benchmarks import _common
 
 # evaluate()'s summary keys (without "eval/") the study reports, and their column titles. The held-out
 # ("fixed") set is the VFT model's own samples on the test questions, scored by every arm.
