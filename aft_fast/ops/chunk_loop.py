@@ -26,6 +26,7 @@ whose gradient is zero by construction then go last in their chunk and take no g
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -286,14 +287,15 @@ def plan_chunks(
     return torch.argsort(key, stable=True), units, chunk_size
 
 
-class ChunkLoop:
+class ChunkLoop(abc.ABC):
     """`aft_forward` as the chunk loop, for the backends that run it: a subclass brings its engine
     (`engine`), its default chunk (`chunk_size`) and `SKIP_DEAD` (see the module docstring)."""
 
     SKIP_DEAD = False  # every row takes part in the gradient products
 
+    @abc.abstractmethod
     def engine(self, hidden, weight, bias, chunk_size: int, post: LogitOptions) -> ChunkEngine:
-        raise NotImplementedError
+        """The products and row kernels one chunk runs on (torch, cpp or triton)."""
 
     def chunk_size(self, vocab: int, tokens: int, largest_group: int, dtype: torch.dtype) -> int:
         """Tokens per chunk when the call gives none: the default, grown to hold the largest group."""
