@@ -172,9 +172,15 @@ def arm_dir(plan, work: Path, job) -> Path:
     return work / ("arms" if plan.init == "vft" else "arms-from-init") / job.name
 
 
+def scores_heldout(plan, job) -> bool:
+    """Whether the arm run scores the held-out set: test runs at the first `plan.score_seeds` seeds."""
+    return job.split == "test" and job.seed in plan.seeds[: plan.score_seeds]
+
+
 def job_key(plan, job, stamp: dict) -> dict[str, Any]:
     return {
         **asdict(job),
+        "heldout": scores_heldout(plan, job),
         "mode": ARMS[job.arm],
         "init": plan.init,
         "aft_steps": plan.aft_steps,
@@ -212,7 +218,7 @@ def run_job(job, stamp: dict) -> dict[str, Any]:
     t0 = time.perf_counter()
     stage = run_aft(cfg, dist, base["tok"], base["labelled"][label], start)
     t1 = time.perf_counter()
-    result = evaluate_model(base, cfg.stage_model_dir("aft"), job.split, samples=0)
+    result = evaluate_model(base, cfg.stage_model_dir("aft"), job.split, heldout=scores_heldout(plan, job))
     result.update(
         key=job_key(plan, job, stamp),
         job=asdict(job),
@@ -228,9 +234,9 @@ def run_job(job, stamp: dict) -> dict[str, Any]:
     return result
 
 
-def evaluate_model(base: dict, model_dir: Path, split: str, samples: int, seed: int = 0) -> dict[str, Any]:
-    """evaluate()'s metrics on one split: the test split with the held-out set scored, the validation split
-    greedy only. Per question: greedy right ("1") or not, for the per-question paired tests."""
+def evaluate_model(base: dict, model_dir: Path, split: str, heldout: bool) -> dict[str, Any]:
+    """evaluate()'s greedy metrics on one split, and with `heldout` the held-out set's (test questions)
+    scored. Per question: greedy right ("1") or not, for the per-question paired tests."""
     import torch
 
     from aft_fast.data.candidates import relabel
@@ -238,18 +244,17 @@ def evaluate_model(base: dict, model_dir: Path, split: str, samples: int, seed: 
     from aft_fast.models.loading import load_replica
 
     cfg = base["cfg"]
-    fixed = base["heldout"] if split == "test" else None
+    fixed = base["heldout"] if heldout else None
     model = load_replica(model_dir, torch.device("cpu"), torch.float32)
     res = evaluate(
         model,
         base["tok"],
         base["examples"][split],
-        samples=samples,
+        samples=0,
         temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.gen_batch_size,
         max_length=cfg.max_length,
-        seed=seed,
         fixed=fixed,
         progress=False,
     )

@@ -363,7 +363,8 @@ def write(out: Path, plan, base: dict, start: dict, state: dict, meta: dict, plo
             f"## Label rule: {label} (the control reads no labels: the same runs in both tables)",
             "",
             f"Test: {n_test} questions. Mean ± sample std over seeds, in %; Δ: paired by seed, in points "
-            "(↑↓: seeds up / down; p: paired t-test).",
+            f"(↑↓: seeds up / down; p: paired t-test). The held-out columns (re-rank, assessment): the first "
+            f"{plan.score_seeds} seeds of each arm.",
             "",
             _common.markdown_table(
                 ["arm", "mode", "seeds", *METRICS.values(), "Δ greedy vs control", "Δ greedy vs RFT"], rows

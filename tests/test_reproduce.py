@@ -72,11 +72,18 @@ def test_every_tier_of_arms_seeds_and_rules_has_a_result(quick):
     )
     assert sorted((r["job"]["label"], r["job"]["arm"], r["job"]["seed"]) for r in raw["results"]) == want
     n_test = plan["base"]["synthetic_test"]
+    scored = plan["seeds"][: plan["score_seeds"]]  # the held-out set is scored at these seeds only
+    assert 0 < len(scored) < len(seeds)
     for r in [*raw["results"], raw["start"]["test"]]:
         m = r["metrics"]
         assert r["summary"]["questions"] == n_test
+        heldout = r is raw["start"]["test"] or r["job"]["seed"] in scored
+        assert r.get("key", {}).get("heldout", True) == heldout
         for k in ("accuracy", "chain_accuracy", "fixed_rerank_accuracy", "fixed_assess_acc"):
-            assert 0.0 <= m[k] <= 1.0, k
+            if k.startswith("fixed_") and not heldout:
+                assert m[k] is None, k
+            else:
+                assert 0.0 <= m[k] <= 1.0, k
         assert m["chain_accuracy"] <= m["accuracy"]  # right reasoning is a subset of right answers
         # The per-question record the paired tests use is the same evaluation as the accuracy.
         for key in ("accuracy", "chain_accuracy"):
@@ -105,7 +112,9 @@ def test_assessment_pairs_match_the_held_out_file(quick):
             pairs += pos * (len(g.candidates) - pos)
         want[rule] = pairs
     raw = quick["json"]
-    for r in [raw["start"]["test"], *raw["results"]]:
+    scored = [r for r in raw["results"] if r["key"]["heldout"]]
+    assert scored
+    for r in [raw["start"]["test"], *scored]:
         assert r["summary"]["eval/fixed_assess_pairs"] == want["answer"]
         assert r["summary"].get("eval/fixed_assess_pairs_verified", 0) == want["verified"]
 
