@@ -6,8 +6,7 @@ import types
 
 import torch
 
-from aft_fast.losses.group_objective import TorchObjective
-from aft_fast.losses.objectives import build_plan
+from aft_fast.losses.objectives import TorchObjective, build_plan
 from aft_fast.ops import chunk_loop, torch_chunks
 from aft_fast.ops.backend import AFTCall
 from aft_fast.options import LossOptions

@@ -1,4 +1,6 @@
-"""The public functional API (docs/design.md section 3): `aft_loss` and `linear_logprob`.
+"""The public functional API (docs/design.md section 3): `aft_loss` and `linear_logprob`. `aft_loss` spells
+the loss options as keywords, builds their one `LossOptions` and runs `aft_function.aft_loss_with`, the
+entry that callers holding a `LossOptions` (`AFTModel`, `AFTLoss`) call directly.
 
 Shapes: N hidden rows, H hidden size, V vocab, T scored tokens, S segments (a segment is one
 candidate chain or one reference chain; a group is one question's segments).
@@ -9,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from aft_fast.losses import checks
-from aft_fast.losses.aft_function import AFTLossFunction
+from aft_fast.losses.aft_function import aft_loss_with
 from aft_fast.losses.linear_logprob import LinearLogProbFunction
-from aft_fast.losses.objectives import build_plan
-from aft_fast.ops.backend import AFTCall, LogProbCall
+from aft_fast.ops.backend import LogProbCall
 from aft_fast.ops.chunk_loop import default_chunk_size
 from aft_fast.ops.dispatch import resolve_backend
 from aft_fast.options import LossOptions
@@ -65,20 +66,13 @@ def aft_loss(
     None: no tanh), as Gemma-2 (final_logit_softcapping), Cohere (logit_scale) or Granite
     (1 / logits_scaling) compute them, inside the chunks (never as a [T, V] tensor). Default: the plain
     logits z; `aft_fast.models.logits.logit_processing` reads them from a Hugging Face config."""
-    checks.check_projection(hidden, weight, bias)
-    checks.check_options(chunk_size=chunk_size, backend=backend)
+    # The call's one LossOptions: a bad option fails here, named.
     options = LossOptions(mode=mode, beta=beta, w_vft=w_vft, w_align=w_align, dpo_beta=dpo_beta,
                           pro_tau=pro_tau)
-    checks.check_groups(hidden, group, label, is_reference, ref_logp, options)
-    counts = checks.check_tokens(hidden, weight, rows, targets, segments, group.numel())
-    post = checks.check_logit_options(logit_scale, softcap, temperature)
-    call = AFTCall(
-        rows=rows, targets=targets, segments=segments, counts=counts.to(torch.float32),
-        plan=build_plan(group, label, is_reference, counts), options=options, ref_logp=ref_logp,
-        backend=resolve_backend(backend, hidden.device), chunk_size=chunk_size, post=post,
-    )
-    loss, scores, vft, align = AFTLossFunction.apply(hidden, weight, bias, call)
-    return AFTOutput(loss=loss, scores=scores, vft_loss=vft, align_loss=align)
+    return aft_loss_with(options, hidden, weight, rows=rows, targets=targets, segments=segments,
+                         group=group, label=label, is_reference=is_reference, ref_logp=ref_logp, bias=bias,
+                         backend=backend, chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap,
+                         temperature=temperature)
 
 
 def linear_logprob(

@@ -1,10 +1,10 @@
-"""nn.Module forms of the public API: they hold options and call `functional` (no math here)."""
+"""nn.Module forms of the public API: they hold options and call the fused operator's entry (no math here)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from aft_fast.losses.functional import aft_loss
+from aft_fast.losses.aft_function import aft_loss_with
 from aft_fast.options import LossOptions
 
 
@@ -22,14 +22,20 @@ class AFTLoss(nn.Module):
                  backend: str = "auto", chunk_size: int | None = None, logit_scale: float = 1.0,
                  softcap: float | None = None, temperature: float = 1.0):
         super().__init__()
-        loss = LossOptions(mode, beta, w_vft, w_align, dpo_beta, pro_tau)  # a bad option fails here, named
-        self.options = dict(**loss.kwargs(), backend=backend, chunk_size=chunk_size, logit_scale=logit_scale,
-                            softcap=softcap, temperature=temperature)
+        self.loss = LossOptions(mode, beta, w_vft, w_align, dpo_beta, pro_tau)  # a bad option fails here
+        self.call_options = dict(backend=backend, chunk_size=chunk_size, logit_scale=logit_scale,
+                                 softcap=softcap, temperature=temperature)
+
+    @property
+    def options(self) -> dict:
+        """Every option as the keywords of `aft_fast.aft_loss`."""
+        return {**self.loss.kwargs(), **self.call_options}
 
     def forward(self, hidden, weight, *, rows, targets, segments, group, label, is_reference,
                 ref_logp=None, bias=None):
-        return aft_loss(hidden, weight, rows=rows, targets=targets, segments=segments, group=group,
-                        label=label, is_reference=is_reference, ref_logp=ref_logp, bias=bias, **self.options)
+        return aft_loss_with(self.loss, hidden, weight, rows=rows, targets=targets, segments=segments,
+                             group=group, label=label, is_reference=is_reference, ref_logp=ref_logp,
+                             bias=bias, **self.call_options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

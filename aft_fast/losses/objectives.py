@@ -7,7 +7,10 @@ and autograd on these few small tensors gives d(loss)/d(sum) for the heavy pass.
 Everything that depends only on labels (which candidate pairs exist, which groups count, which
 candidates hold the top rank) is built once per call by `build_plan` into a `GroupPlan` (typed in
 aft_fast/options.py, where the backends read it), sorted by group, so the fused chunk loop can take the
-slice of the plan that belongs to the groups of one chunk.
+slice of the plan that belongs to the groups of one chunk. `TorchObjective` is that autograd, unit by
+unit: the group loss (`aft_fast.ops.backend.GroupObjective`) that the CPU backends run (the triton backend
+runs its group-loss kernel instead, `GroupKernelObjective` in aft_fast/ops/triton_backend.py;
+`aft_fast.losses.aft_function.group_objective` picks one of the two).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from aft_fast.ops.backend import AFTCall
 from aft_fast.options import GroupPlan, LossOptions, candidate_pairs
 
 
@@ -124,3 +128,30 @@ def _group_losses(
     if cfg.boundary_constraint:
         loss = loss + _log1p_sum_exp(threshold - sj, pg, G)
     return loss
+
+
+class TorchObjective:
+    """The group loss of a unit as `objective` on its slice of the plan, d(loss)/d(sums) by
+    autograd (the CPU backends). unit() returns that [S] gradient, or None when nothing in the unit's
+    groups reaches the loss; result() the totals (loss, L_vft, L_align)."""
+
+    def __init__(self, call: AFTCall, need_grad: bool):
+        self.call = call
+        self.need_grad = need_grad
+        self.total = [torch.zeros((), dtype=torch.float32, device=call.counts.device) for _ in range(3)]
+
+    def unit(self, sums: torch.Tensor, g0: int, g1: int) -> torch.Tensor | None:
+        call = self.call
+        with torch.enable_grad():
+            leaf = sums.detach().requires_grad_(self.need_grad)
+            parts = objective(leaf, call.counts, call.plan.slice_groups(g0, g1), call.options, call.ref_logp)
+        for acc, part in zip(self.total, parts, strict=True):
+            acc += part.detach()
+        if not (self.need_grad and parts[0].requires_grad):
+            return None  # nothing in these groups reaches the loss: skip the two gradient products
+        (dsum,) = torch.autograd.grad(parts[0], leaf)
+        return dsum
+
+    def result(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, vft, align = self.total
+        return loss, vft, align

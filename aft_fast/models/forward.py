@@ -10,7 +10,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from aft_fast import aft_loss, linear_logprob
+from aft_fast import aft_loss_with, linear_logprob
 from aft_fast.data.batch import Batch
 from aft_fast.models import attention
 from aft_fast.models.logits import UnsupportedModelError, check_against_model, lm_head, logit_processing
@@ -121,16 +121,21 @@ class AFTModel(nn.Module):
         twice = sorted(set(options.names()) & set(loss_options))
         if twice:
             raise ValueError(f"{twice[0]}: given both in options and as a keyword")
-        loss_options = {**options.kwargs(), **loss_options}
         for name in ("logit_scale", "softcap"):
             if name in loss_options:
                 raise ValueError(f"{name}: AFTModel reads the logit post-processing from the model's config")
         self.logits = logit_processing(lm.config, temperature=loss_options.pop("temperature", 1.0))
         self.router_aux = router_aux_options(lm.config)
         self.lm = lm
-        self.loss_options = loss_options
+        self.loss = options  # handed whole to the fused operator
+        self.call_options = loss_options  # the call's other keywords (backend, chunk_size)
         lm_head(lm)  # an nn.Linear head, or refused
         register_head_for_zero3(lm, owner=self)
+
+    @property
+    def loss_options(self) -> dict:
+        """The loss options and the call's other keywords as the keywords of `aft_fast.aft_loss`."""
+        return {**self.loss.kwargs(), **self.call_options}
 
     @property
     def note(self) -> str:
@@ -159,14 +164,15 @@ class AFTModel(nn.Module):
         dec = decoder_outputs(self.lm, batch, **extra)
         hidden = dec.last_hidden_state.reshape(-1, dec.last_hidden_state.shape[-1])
         head = lm_head(self.lm)
-        out = aft_loss(
+        out = aft_loss_with(
+            self.loss,
             hidden,
             head.weight,
             **batch.token_index(),
             **batch.group_inputs(),
             ref_logp=batch.ref_logp,
             bias=head.bias,
-            **self.loss_options,
+            **self.call_options,
             **self.logits.options(),
         )
         result = {

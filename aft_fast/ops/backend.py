@@ -30,7 +30,7 @@ MaybeGrads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
 
 @dataclass(frozen=True)
 class AFTCall:
-    """One `aft_loss` call, checked (aft_fast/losses/functional.py), as the backends read it.
+    """One `aft_loss` call, checked (aft_fast/losses/aft_function.py), as the backends read it.
 
     rows, targets, segments: [T] int64, each scored token's hidden row, token id and segment.
     counts:    [S] float32, scored tokens per segment.

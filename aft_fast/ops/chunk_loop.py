@@ -18,7 +18,7 @@ chunk the group loss, and so each token's d(loss)/d(logp), is known as soon as i
 gradient is formed in the same pass (three matrix products). A group larger than a chunk is split and
 takes a second, recomputing pass (four products). The group loss of a unit comes from the caller
 (`aft_fast.ops.backend.GroupObjective`): the loss layer's autograd on the plan's slice
-(`aft_fast.losses.group_objective.TorchObjective`) or the triton backend's group-loss kernel
+(`aft_fast.losses.objectives.TorchObjective`) or the triton backend's group-loss kernel
 (`aft_fast.ops.triton_backend.GroupKernelObjective`). A backend that subclasses `ChunkLoop` brings its
 engine (`engine`), its sizing (`chunk_size`) and whether its engine skips dead rows (`SKIP_DEAD`: rows
 whose gradient is zero by construction then go last in their chunk and take no gradient product).
