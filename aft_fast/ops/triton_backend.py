@@ -238,11 +238,10 @@ class TritonBackend(ChunkLoop):
 
     SKIP_DEAD = True  # the loop orders rows without gradient last in their chunk; the engine skips them
 
+    chunk_size = staticmethod(triton_chunks.chunk_size)  # the loop's sizing: a buffer in the input dtype
+
     def engine(self, hidden, weight, bias, chunk_size: int, post: LogitOptions) -> triton_chunks.Chunks:
         return triton_chunks.Chunks(hidden, weight, bias, chunk_size, post)
-
-    def chunk_size(self, vocab: int, tokens: int, largest_group: int, dtype: torch.dtype) -> int:
-        return triton_chunks.chunk_size(vocab, tokens, largest_group, dtype)
 
     def logprob_forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, call: LogProbCall
