@@ -7,8 +7,9 @@ command line) fail with the list of valid ones. `--help` prints every option wit
 
 Every field belongs to one section (SECTIONS: run, data, model, adapters, optimizer, vft, sample, aft, eval,
 engine), declared beside it. The keys stay flat, so YAML files and flags name a field alone; the sections
-group the checks and `--help`, give each training stage its `Schedule`, and say what a resumed stage must
-share with the run that wrote its checkpoint (RESUME_SECTIONS).
+group the checks and `--help`, give each training stage its `Schedule` and the sample and eval stages their
+settings (`SampleSettings`, `EvalSettings`, sharing one `Sampling`), and say what a resumed stage must share
+with the run that wrote its checkpoint (RESUME_SECTIONS).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from aft_fast.constants import BACKENDS, TRAIN_MODES
+from aft_fast.constants import BACKENDS, TRAIN_MODES, train_mode
 from aft_fast.data.collate import LAYOUTS
 from aft_fast.data.prompts import PROMPT_FORMATS
 from aft_fast.eval.sampler import SAMPLERS
@@ -297,6 +298,38 @@ class TrainConfig:
             **self.section("optimizer"),
         )
 
+    def sampling(self) -> Sampling:
+        """How the sample and eval stages draw and score chains: the sample section's sampler, its vLLM
+        engine (the vllm_* keys) and sampling parameters, with the run and data keys they need."""
+        own = self.section("sample")
+        return Sampling(
+            sampler=own["sampler"],
+            vllm=VLLMOptions(**{k.removeprefix("vllm_"): v for k, v in own.items() if k.startswith("vllm_")}),
+            temperature=own["temperature"],
+            top_p=own["top_p"],
+            max_new_tokens=own["max_new_tokens"],
+            batch_size=own["gen_batch_size"],
+            seed=self.seed,
+            max_length=self.max_length,
+            progress=self.progress,
+        )
+
+    def sample_settings(self) -> SampleSettings:
+        """What the sample stage reads (its output path, `candidates_path`, aside)."""
+        return SampleSettings(
+            sampling=self.sampling(),
+            num_samples=self.num_samples,
+            limit=self.sample_limit,
+            label=self.label,
+            ref_logp=train_mode(self.mode).needs_ref_logp,
+            task=None if self.train_data else self.synthetic_task if self.task == "embedded" else self.task,
+        )
+
+    def eval_settings(self) -> EvalSettings:
+        """What the eval stage reads (the fixed candidate set of eval_candidates is read up front)."""
+        own = {k.removeprefix("eval_"): v for k, v in self.section("eval").items()}
+        return EvalSettings(sampling=self.sampling(), limit=own["limit"], samples=own["samples"])
+
     # Paths derived from run_dir, so every stage finds the others' outputs.
     @property
     def run_path(self) -> Path:
@@ -340,6 +373,45 @@ class Schedule:
     min_lr_ratio: float
     weight_decay: float
     grad_clip: float
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How chains are drawn and scored, in the sample stage and the eval stage alike: the sampler and its
+    engine read only this."""
+
+    sampler: str  # hf | vllm (SAMPLERS)
+    vllm: VLLMOptions  # sampler vllm: the engine's settings (the vllm_* keys)
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int  # questions per generate call, groups per scoring call (gen_batch_size)
+    seed: int  # batch i samples with batch_seed(seed, i); the vLLM engine's seed
+    max_length: int  # tokens per scored row ([prompt | chain])
+    progress: bool
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """What the sample stage reads: num_samples chains for each of the first `limit` training questions
+    (0: all), labelled by `label`."""
+
+    sampling: Sampling
+    num_samples: int
+    limit: int
+    label: str  # answer | verified
+    ref_logp: bool  # the aft mode trains against a reference: store each candidate's log-prob (ref_logp)
+    task: str | None  # the generated task's version, for the candidate file's metadata (None: a data file)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What the eval stage reads: the first `limit` test questions (0: all), `samples` sampled chains each
+    (0: greedy accuracy and perplexity only)."""
+
+    sampling: Sampling
+    limit: int
+    samples: int
 
 
 def _choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:

@@ -51,7 +51,7 @@ from aft_fast.models.loading import (
     resolve_model,
 )
 from aft_fast.train.aft import run_aft
-from aft_fast.train.config import InputError, TrainConfig, to_yaml
+from aft_fast.train.config import EvalSettings, InputError, TrainConfig, to_yaml
 from aft_fast.train.engine import Dist, model_dtype, resolve_ds_config_path
 from aft_fast.train.logging import MetricsLogger, print0
 from aft_fast.train.run_guard import guard
@@ -140,7 +140,7 @@ def prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
 def _prepare(cfg: TrainConfig, dist: Dist, summary: Summary) -> Inputs:
     t0 = time.perf_counter()
     # --sampler vllm: its environment is checked before anything is written or trained.
-    vllm = check_sampler(cfg, dist) if cfg.stage in ("all", "sample", "eval") else None
+    vllm = check_sampler(cfg.sampling(), dist) if cfg.stage in ("all", "sample", "eval") else None
     train, test = _read_data(cfg, dist)
     start = _from_gguf(_start_model(cfg), dist)  # a GGUF file: its cached Hugging Face folder
     tokenizer, n_params = _tokenizer(cfg, dist, train, start)
@@ -261,8 +261,9 @@ def _candidates(cfg: TrainConfig) -> list[CandidateGroup]:
             )
     return groups
 
+
 def _evaluate(
-    cfg: TrainConfig,
+    settings: EvalSettings,
     dist: Dist,
     tokenizer,
     test: list[Example],
@@ -270,27 +271,29 @@ def _evaluate(
     name: str,
     dtype: torch.dtype,
     summary: Summary,
+    run_dir: Path,
     fixed: list[CandidateGroup] | None = None,
 ) -> Evaluation:
     """All metrics of one model (aft_fast.eval.evaluate); rank 0 writes predictions_<name>.jsonl,
-    eval_<name>.json, test_candidates_<name>.jsonl and the score plot scores_<name>.png."""
+    eval_<name>.json, test_candidates_<name>.jsonl and the score plot scores_<name>.png into `run_dir`."""
     t0 = time.perf_counter()
+    sampling = settings.sampling
     model = load_replica(model_dir, dist.device, dtype)
-    sampler = make_sampler(cfg, dist, tokenizer, model_dir, dtype, model)
+    sampler = make_sampler(sampling, dist, tokenizer, model_dir, dtype, model)
     try:
         res = evaluate(
             model,
             tokenizer,
-            test[: cfg.eval_limit or None],
-            samples=cfg.eval_samples,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.gen_batch_size,
-            max_length=cfg.max_length,
-            seed=cfg.seed,
+            test[: settings.limit or None],
+            samples=settings.samples,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            batch_size=sampling.batch_size,
+            max_length=sampling.max_length,
+            seed=sampling.seed,
             fixed=fixed,
-            progress=cfg.progress,
+            progress=sampling.progress,
             sampler=sampler,
         )
     finally:
@@ -298,18 +301,18 @@ def _evaluate(
     del model
     _free()
     if dist.is_main:
-        write_results(cfg.run_path, name, res, model=str(model_dir))
-        panels = [(f"{name}: own samples", *split_scores(res.groups, res.scored))] if cfg.eval_samples else []
+        write_results(run_dir, name, res, model=str(model_dir))
+        panels = [(f"{name}: own samples", *split_scores(res.groups, res.scored))] if settings.samples else []
         if res.fixed_groups is not None and res.fixed_scored is not None:
             panels.append((f"{name}: fixed set", *split_scores(res.fixed_groups, res.fixed_scored)))
         if panels:
-            plot_score_distributions(panels, cfg.run_path / f"scores_{name}.png", title=str(model_dir))
-        by_form = form_scores(res.groups, res.scored) if cfg.eval_samples else []
+            plot_score_distributions(panels, run_dir / f"scores_{name}.png", title=str(model_dir))
+        by_form = form_scores(res.groups, res.scored) if settings.samples else []
         if by_form:
-            path = cfg.run_path / f"scores_by_form_{name}.png"
+            path = run_dir / f"scores_by_form_{name}.png"
             plot_scores_by_form(by_form, FORMS, path, title=str(model_dir))
     values = {k: v for k, v in res.summary.items() if k.startswith("eval/") and v is not None}
-    MetricsLogger(cfg.run_dir, name, tensorboard=False).log(0, values)
+    MetricsLogger(run_dir, name, tensorboard=False).log(0, values)
     summary.add(
         name,
         time.perf_counter() - t0,
@@ -408,7 +411,7 @@ def _sample_row(
         s = group_stats(read_candidates(out), 0, 0.0)
         s.duplicates = 0
     else:
-        s = run_sample(cfg, dist, tok, train, vft_dir, out, dtype)
+        s = run_sample(cfg.sample_settings(), dist, tok, train, vft_dir, out, dtype)
     _free()
     summary.add(
         "sample",
@@ -456,6 +459,11 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
     # --stage all samples from the VFT model it just trained; a single stage may start elsewhere.
     vft_dir = inputs.start_model if cfg.stage in ("sample", "aft") else cfg.stage_model_dir("vft")
 
+    evaluating = cfg.eval_settings()
+
+    def evaluate_model(model_dir: Path, name: str, fixed: list[CandidateGroup] | None) -> Evaluation:
+        return _evaluate(evaluating, dist, tok, inputs.test, model_dir, name, dtype, summary, run_dir, fixed)
+
     evals: dict[str, Evaluation] = {}  # eval_vft's result, for eval_aft's before/after comparison
     for stage in stages:
         if stage == "vft":
@@ -474,19 +482,15 @@ def run(cfg: TrainConfig, dist: Dist) -> Summary:
                 continue
             _train_row("aft", run_aft(cfg, dist, tok, groups, vft_dir), summary)
         elif stage == "eval":
-            _evaluate(
-                cfg, dist, tok, inputs.test, inputs.start_model, "eval", dtype, summary, inputs.eval_groups
-            )
+            evaluate_model(inputs.start_model, "eval", inputs.eval_groups)
         else:  # eval_vft / eval_aft inside --stage all
             which = stage.split("_")[1]
             # AFT scores the chains VFT sampled on the test questions (unless a fixed set is given), so
             # their assessment accuracies compare the two models on the same chains.
             fixed = inputs.eval_groups
-            if which == "aft" and fixed is None and evals.get("vft") and cfg.eval_samples:
+            if which == "aft" and fixed is None and evals.get("vft") and evaluating.samples:
                 fixed = evals["vft"].groups
-            evals[which] = _evaluate(
-                cfg, dist, tok, inputs.test, cfg.stage_model_dir(which), stage, dtype, summary, fixed
-            )
+            evals[which] = evaluate_model(cfg.stage_model_dir(which), stage, fixed)
             if which == "aft" and "vft" in evals and dist.is_main:
                 _plot_before_after(cfg, evals["vft"], evals["aft"])
         _free()

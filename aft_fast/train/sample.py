@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from aft_fast.constants import train_mode
 from aft_fast.data.candidates import (
     CandidateGroup,
     label_candidates,
@@ -33,9 +32,9 @@ from aft_fast.data.formats import Example
 from aft_fast.eval.evaluate import score_groups
 from aft_fast.eval.generation import map_sharded
 from aft_fast.eval.sampler import HFSampler, Sampler, SamplingParams, batch_seed
-from aft_fast.eval.vllm_sampler import VLLMOptions, VLLMSampler, check_vllm_python
+from aft_fast.eval.vllm_sampler import VLLMSampler, check_vllm_python
 from aft_fast.models.loading import load_replica
-from aft_fast.train.config import TrainConfig
+from aft_fast.train.config import SampleSettings, Sampling
 from aft_fast.train.engine import Dist
 
 
@@ -159,50 +158,41 @@ def reference_logps(
     ]
 
 
-def vllm_options(cfg: TrainConfig) -> VLLMOptions:
-    """The engine settings of --sampler vllm (the config's vllm_* fields)."""
-    return VLLMOptions(
-        python=cfg.vllm_python,
-        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-        kv_cache_gb=cfg.vllm_kv_cache_gb,
-    )
-
-
-def check_sampler(cfg: TrainConfig, dist: Dist) -> str | None:
+def check_sampler(sampling: Sampling, dist: Dist) -> str | None:
     """Before any stage starts: under --sampler vllm, the vLLM environment imports vLLM (its version is
     returned) and the tensor-parallel size fits the run; ValueError naming the field otherwise (with the
     command that creates the environment). None under hf."""
-    if cfg.sampler != "vllm":
+    if sampling.sampler != "vllm":
         return None
-    if cfg.vllm_tensor_parallel_size > 1 and dist.world_size > 1:
+    tp = sampling.vllm.tensor_parallel_size
+    if tp > 1 and dist.world_size > 1:
         raise ValueError(
-            f"vllm_tensor_parallel_size: {cfg.vllm_tensor_parallel_size} GPUs per engine needs a run of one "
+            f"vllm_tensor_parallel_size: {tp} GPUs per engine needs a run of one "
             f"process (this one has {dist.world_size}, each with an engine on its own GPU)"
         )
-    return check_vllm_python(cfg.vllm_python)
+    return check_vllm_python(sampling.vllm.python)
 
 
 def make_sampler(
-    cfg: TrainConfig,
+    sampling: Sampling,
     dist: Dist,
     tokenizer: PreTrainedTokenizerBase,
     model_dir: Path,
     dtype: torch.dtype,
     model: nn.Module | None = None,
 ) -> Sampler:
-    """The sampler that cfg.sampler names, for the sample stage and evaluation alike: hf generates with
-    `model` (loaded from `model_dir` when None); vllm starts an engine on `model_dir` on first use (close
-    it when done), seeded with cfg.seed, in cfg.vllm_python."""
-    if cfg.sampler == "vllm":
+    """The sampler that sampling.sampler names, for the sample stage and evaluation alike: hf generates
+    with `model` (loaded from `model_dir` when None); vllm starts an engine on `model_dir` on first use
+    (close it when done), seeded with sampling.seed, with the settings sampling.vllm."""
+    if sampling.sampler == "vllm":
         return VLLMSampler(
-            model_dir, tokenizer, dtype=dtype, seed=cfg.seed, options=vllm_options(cfg), device=dist.device
+            model_dir, tokenizer, dtype=dtype, seed=sampling.seed, options=sampling.vllm, device=dist.device
         )
     return HFSampler(model if model is not None else load_replica(model_dir, dist.device, dtype), tokenizer)
 
 
 def run_sample(
-    cfg: TrainConfig,
+    settings: SampleSettings,
     dist: Dist,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
@@ -211,53 +201,54 @@ def run_sample(
     dtype: torch.dtype,
     sampler: Sampler | None = None,
 ) -> SampleStats:
-    """k candidates per training question from `sampler` (default: cfg.sampler's, `make_sampler`),
+    """k candidates per training question from `sampler` (default: the configured one, `make_sampler`),
     labelled, with the reference log-probs for the dpo modes; written to `out_path`."""
     t0 = time.perf_counter()
-    questions = examples[: cfg.sample_limit or None]
-    if cfg.label == "verified":  # fail before sampling, not after
+    sampling = settings.sampling
+    questions = examples[: settings.limit or None]
+    if settings.label == "verified":  # fail before sampling, not after
         bad = next((e for e in questions if not is_checkable(e.question)), None)
         if bad is not None:
             raise not_checkable_error(f"training question {bad.id!r}")
     # vLLM's engine samples alone (the default engine memory assumes the stage's device to itself); the
     # replica that scores ref_logp loads after it is gone.
-    model = load_replica(model_dir, dist.device, dtype) if sampler is None and cfg.sampler == "hf" else None
-    chains = sampler or make_sampler(cfg, dist, tokenizer, model_dir, dtype, model)
+    hf = sampler is None and sampling.sampler == "hf"
+    model = load_replica(model_dir, dist.device, dtype) if hf else None
+    chains = sampler or make_sampler(sampling, dist, tokenizer, model_dir, dtype, model)
     params = SamplingParams(
-        num_return_sequences=cfg.num_samples,
+        num_return_sequences=settings.num_samples,
         do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_new_tokens=sampling.max_new_tokens,
     )
 
     def sample(i: int, batch: list[Example]) -> list[list[str]]:
-        return chains.generate([e.question for e in batch], params, seed=batch_seed(cfg.seed, i))
+        return chains.generate([e.question for e in batch], params, seed=batch_seed(sampling.seed, i))
 
     try:
-        texts = map_sharded(questions, cfg.gen_batch_size, sample, desc="sample", progress=cfg.progress)
+        texts = map_sharded(questions, sampling.batch_size, sample, desc="sample", progress=sampling.progress)
     finally:
         if chains is not sampler:  # made here: an engine's memory goes back before ref_logp scoring
             chains.close()
     groups = [
-        label_candidates(CandidateGroup.from_example(e), t, cfg.label)
+        label_candidates(CandidateGroup.from_example(e), t, settings.label)
         for e, t in zip(questions, texts, strict=True)
     ]
-    if train_mode(cfg.mode).needs_ref_logp:
+    if settings.ref_logp:
         groups = reference_logps(
             model if model is not None else load_replica(model_dir, dist.device, dtype),
             tokenizer,
             groups,
-            max_length=cfg.max_length,
-            batch_size=cfg.gen_batch_size,
-            progress=cfg.progress,
+            max_length=sampling.max_length,
+            batch_size=sampling.batch_size,
+            progress=sampling.progress,
         )
-    stats = group_stats(groups, len(questions) * cfg.num_samples, time.perf_counter() - t0)
+    stats = group_stats(groups, len(questions) * settings.num_samples, time.perf_counter() - t0)
     if dist.is_main:
         write_candidates(out_path, groups)
-        task = None if cfg.train_data else cfg.synthetic_task if cfg.task == "embedded" else cfg.task
         checkers = {checker_of(g.question) for g in groups}
         checker = checkers.pop() if len(checkers) == 1 else None  # a mixed file names none
-        write_meta(out_path, stats, label=cfg.label, task=task, checker=checker)
+        write_meta(out_path, stats, label=settings.label, task=settings.task, checker=checker)
     deepspeed.comm.barrier()
     return stats
