@@ -6,9 +6,10 @@ RRHF, PRO), and what does label noise cost (answer labels against verified).
     python benchmarks/reproduce.py --quick  # every code path at toy size (about 2 min); numbers mean nothing
 
 Protocol (docs/design.md section 9):
-1. The base: one VFT model trained to its plateau for its step budget (lr decayed to 0; Plan.base), one training candidate file
-   (k samples per question, answer_correct and chain_ok stored: the two label rules are two labellings of
-   it), and one held-out set (k samples per test question from the same model) that every arm scores.
+1. The base: one VFT model trained to its plateau for its step budget (lr decayed to 0; Plan.base), one
+   training candidate file (k samples per question, answer_correct and chain_ok stored: the two label rules
+   are two labellings of it), and one held-out set (k samples per test question from the same model) that
+   the arms score.
 2. Every setting is chosen on the validation split (fresh problems, in neither train nor test) before the
    test split is scored: the arms' learning rate (the candidate under which the control, continued VFT,
    does best: the strongest control; it must not end below the VFT model), then bcl's beta per label rule
@@ -17,8 +18,8 @@ Protocol (docs/design.md section 9):
    steps, batch, schedule and data order per seed: control (continued VFT on the same questions'
    references), rft, align, dcl, bcl, dpo / rrhf / pro with and without +bc. Every AFT arm keeps w_vft = 1.
 4. Each arm is scored on the test split: greedy and chain accuracy, and (at the first `score_seeds` seeds)
-   re-ranking and assessment accuracy on the held-out set. The report (reproduce_report.py) pairs arms by seed (t-test) and by question and
-   seed (bootstrap), and states the smallest gain the design detects.
+   re-ranking and assessment accuracy on the held-out set. The report (reproduce_report.py) pairs arms by
+   seed (t-test) and by question and seed (bootstrap), and states the smallest gain the design detects.
 
 Arm runs are cached under --work_dir and reused, in priority tiers (the core arms at every seed first), and
 the report is rewritten after each: an interrupted run resumes where it stopped and its tables are honest
