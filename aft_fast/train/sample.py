@@ -191,6 +191,13 @@ def make_sampler(
     return HFSampler(model if model is not None else load_replica(model_dir, dist.device, dtype), tokenizer)
 
 
+def _refuse_uncheckable(questions: list[Example]) -> None:
+    """Verified labels need a step checker for every question: name the first one without."""
+    bad = next((e for e in questions if not is_checkable(e.question)), None)
+    if bad is not None:
+        raise not_checkable_error(f"training question {bad.id!r}")
+
+
 def run_sample(
     settings: SampleSettings,
     dist: Dist,
@@ -207,9 +214,7 @@ def run_sample(
     sampling = settings.sampling
     questions = examples[: settings.limit or None]
     if settings.label == "verified":  # fail before sampling, not after
-        bad = next((e for e in questions if not is_checkable(e.question)), None)
-        if bad is not None:
-            raise not_checkable_error(f"training question {bad.id!r}")
+        _refuse_uncheckable(questions)
     # vLLM's engine samples alone (the default engine memory assumes the stage's device to itself); the
     # replica that scores ref_logp loads after it is gone.
     hf = sampler is None and sampling.sampler == "hf"
