@@ -322,8 +322,14 @@ class TrainConfig:
             limit=self.sample_limit,
             label=self.label,
             ref_logp=train_mode(self.mode).needs_ref_logp,
-            task=None if self.train_data else self.synthetic_task if self.task == "embedded" else self.task,
+            task=self._generated_task(),
         )
+
+    def _generated_task(self) -> str | None:
+        """The generated task's name, for the candidate file's metadata; None when a data file is read."""
+        if self.train_data:
+            return None
+        return self.synthetic_task if self.task == "embedded" else self.task
 
     def eval_settings(self) -> EvalSettings:
         """What the eval stage reads (the fixed candidate set of eval_candidates is read up front)."""
