@@ -95,6 +95,23 @@ def load(engine, ckpt_dir: str | Path) -> dict[str, Any] | None:
     return client_state
 
 
+def step_of(tag: str) -> int:
+    return int(tag.removeprefix("step"))
+
+
+def carry_moments(engine, ckpt_dir: str | Path, tag: str) -> None:
+    """Collective. A fresh engine takes the weights and Adam moments (m, v, step count) of a finished stage's
+    checkpoint `tag`, and keeps its own hyperparameters (lr, weight decay, betas) and schedule: torch's
+    load_state_dict would bring the finished stage's param groups, its last lr too, into the first step."""
+    own = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+    for group, values in zip(engine.optimizer.param_groups, own, strict=True):
+        group.update(values)
+    engine.global_steps = engine.global_samples = engine.skipped_steps = 0  # this stage's own counts
+
+
 def clear(ckpt_dir: str | Path) -> None:
     """Rank 0: drop a stage's checkpoints when it starts afresh (they belong to an older run)."""
     shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -213,6 +213,14 @@ class TrainConfig:
     aft_batch_size: int = _opt("aft", 16, "AFT groups (questions) per optimizer step")
     aft_micro_batch_size: int = _opt("aft", 4, "AFT groups per process per forward")
     aft_lr: float = _opt("aft", 2e-4, "AFT peak learning rate")
+    aft_optimizer: str = _opt(
+        "aft",
+        "fresh",
+        "the AdamW state aft starts from: fresh (new moments) | vft (the VFT stage's final moments and step "
+        "count carried over, with aft's own lr schedule and weight decay: the vft stage then also writes its "
+        "final DeepSpeed checkpoint, which aft reads from checkpoints/vft in the folder holding vft_model; "
+        "full fine-tuning and the same number of processes)",
+    )
     mode: str = _opt(
         "aft",
         LossOptions.mode,
@@ -343,6 +351,11 @@ class TrainConfig:
 
     def stage_model_dir(self, stage: str) -> Path:
         return self.run_path / stage
+
+    def vft_checkpoints(self) -> Path:
+        """The VFT stage's DeepSpeed checkpoints: checkpoints/vft in the run folder that holds vft_model."""
+        model = Path(self.vft_model) if self.vft_model else self.stage_model_dir("vft")
+        return model.parent / "checkpoints" / "vft"
 
     @property
     def candidates_path(self) -> Path:
@@ -495,6 +508,12 @@ def _check_aft(cfg: TrainConfig) -> None:
         raise InputError(str(exc)) from None
     if cfg.beta_from_spread < 0:
         raise InputError(f"beta_from_spread: must be >= 0 (0: off), got {cfg.beta_from_spread}")
+    _choice("aft_optimizer", cfg.aft_optimizer, ("fresh", "vft"))
+    if cfg.aft_optimizer == "vft" and cfg.lora_r:
+        raise InputError(
+            "aft_optimizer: vft carries the moments of full fine-tuning; with lora_r the aft stage trains "
+            "new adapters on the merged VFT model, so use fresh"
+        )
 
 
 def _check_eval(cfg: TrainConfig) -> None:

@@ -349,6 +349,8 @@ class _StageRun:
             weight_decay=schedule.weight_decay,
         )
         self.start = 0
+        if saved is None and stage == "aft" and cfg.aft_optimizer == "vft":
+            _carry_vft_moments(cfg, dist, self.engine)
         if saved is not None:
             loaded = checkpoint.load(self.engine, self.ckpt_dir)
             assert loaded is not None  # read_state found it above
@@ -382,7 +384,9 @@ class _StageRun:
                 metrics = self.meter.reduce(self.engine.get_lr()[0], self.dist.device)
                 logger.log(done, metrics)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
-            if cfg.save_every and done % cfg.save_every == 0 and done < last:
+            if (cfg.save_every and done % cfg.save_every == 0 and done < last) or (
+                done == last and self.stage == "vft" and cfg.aft_optimizer == "vft"  # aft carries it on
+            ):
                 state = {"step": done, "stage": self.stage, "world_size": self.dist.world_size}
                 state["config"] = cfg.to_dict()
                 checkpoint.save(self.engine, self.ckpt_dir, done, state, cfg.keep_checkpoints)
@@ -437,6 +441,30 @@ def _checkpoint_to_resume(cfg: TrainConfig, dist: Dist, stage: str, ckpt_dir: Pa
     elif dist.is_main:
         checkpoint.clear(ckpt_dir)
     return saved
+
+
+def _carry_vft_moments(cfg: TrainConfig, dist: Dist, engine) -> None:
+    """aft_optimizer vft: the engine starts from the VFT stage's final checkpoint (weights, Adam moments)."""
+    ckpt_dir = cfg.vft_checkpoints()
+    saved, tag = checkpoint.read_state(ckpt_dir), checkpoint.latest_tag(ckpt_dir)
+    if saved is None or tag is None or saved.get("stage") != "vft":
+        raise InputError(
+            f"aft_optimizer vft: no VFT checkpoint in {ckpt_dir}; run the vft stage with aft_optimizer vft "
+            "(it then writes its final one), or use aft_optimizer fresh"
+        )
+    final = saved["config"].get("vft_steps")
+    if checkpoint.step_of(tag) != final:
+        raise InputError(
+            f"aft_optimizer vft: the latest checkpoint in {ckpt_dir} is at step {checkpoint.step_of(tag)} of "
+            f"{final}, not the VFT model's end; run the vft stage with aft_optimizer vft"
+        )
+    if saved.get("world_size") != dist.world_size:
+        raise InputError(
+            f"aft_optimizer vft: the VFT checkpoint holds ZeRO-3 shards of {saved.get('world_size')} "
+            f"processes; run aft with as many, or use aft_optimizer fresh"
+        )
+    checkpoint.carry_moments(engine, ckpt_dir, tag)
+    print0(f"[aft] AdamW moments carried over from {ckpt_dir / tag}")
 
 
 def _save_model(engine, lm, tokenizer, out_dir: Path, trainer_state: dict, is_main: bool) -> None:
