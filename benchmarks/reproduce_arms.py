@@ -23,7 +23,8 @@ LABELS = ("answer", "verified")
 BASE_KEYS = tuple(
     "seed synthetic_train synthetic_test synthetic_task vft_steps vft_batch_size vft_micro_batch_size "
     "vft_lr warmup_ratio min_lr_ratio weight_decay grad_clip num_samples temperature top_p max_new_tokens "
-    "sample_limit gen_batch_size max_length prompt_format model train_data test_data mode".split()
+    "sample_limit gen_batch_size max_length prompt_format model train_data test_data mode "
+    "aft_optimizer".split()
 )
 
 
@@ -214,6 +215,7 @@ def run_job(job, stamp: dict) -> dict[str, Any]:
         aft_batch_size=plan.aft_batch_size,
         aft_micro_batch_size=plan.aft_micro_batch_size,
         w_align=plan.w_align,
+        aft_optimizer=base["cfg"].aft_optimizer if plan.init == "vft" else "fresh",  # the init has no moments
     )
     t0 = time.perf_counter()
     stage = run_aft(cfg, dist, base["tok"], base["labelled"][label], start)
