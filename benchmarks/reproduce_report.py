@@ -175,6 +175,14 @@ def _boot(b: dict[str, Any]) -> str:
     return f"{100 * b['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], {p}"
 
 
+def _start_name(plan, cfg) -> str:
+    if plan.init != "vft":
+        return "model VFT started from (--aft_init base), with a fresh AdamW"
+    if cfg.aft_optimizer == "vft":
+        return "VFT model, continuing its AdamW moments (aft_optimizer vft)"
+    return "VFT model, with a fresh AdamW"
+
+
 def _start_metric(start: dict, split: str, key: str) -> str:
     v = start[split]["summary"].get(f"eval/{key}")
     return "n/a" if v is None else f"{100 * v:.1f}"
@@ -283,7 +291,7 @@ def write(out: Path, plan, base: dict, start: dict, state: dict, meta: dict, plo
         "",
         f"Each arm: {plan.aft_steps} steps of {plan.aft_batch_size} questions, warm-up {cfg.warmup_ratio:g} "
         f"then cosine to {cfg.min_lr_ratio:g} x the peak lr, w_vft 1, w_align {plan.w_align:g}, from the "
-        f"{'VFT model' if plan.init == 'vft' else 'model VFT started from (--aft_init base)'}. "
+        f"{_start_name(plan, cfg)}. "
         f"Validation: {start['val']['summary']['questions']} fresh problems, seeds "
         f"{', '.join(map(str, plan.val_seeds))}. The lr: the candidate under which the control does best "
         "(the strongest control). beta: bcl's best validation accuracy (ties: smaller).",
