@@ -380,7 +380,7 @@ def write(out: Path, plan, base: dict, start: dict, state: dict, meta: dict, plo
             "",
         ]
     # Paired differences: by seed and by question.
-    rows = []
+    rows = _against_start(summary, test, start)
     for label in plan.labels:
         for what, a, b in COMPARISONS:
             _compare(summary, rows, test, label, what, a, b, label, label)
@@ -460,6 +460,20 @@ def _compare(
             _delta(by_seed["chain_accuracy"]),
         ]
     )
+
+
+def _against_start(summary: dict, test: list[dict], start: dict) -> list[list]:
+    """The control against the VFT model it starts from: its one accuracy paired with each seed's (by seed a
+    one-sample t-test), and per question pooled over the seeds (the bootstrap resamples both)."""
+    control = {k: values(test, "answer", "control", k) for k in ("accuracy", "chain_accuracy")}
+    if not control["accuracy"]:
+        return []
+    by_seed = {k: paired(v, {s: start["test"]["metrics"][k] for s in v}) for k, v in control.items()}
+    mine = per_question(test, "answer", "control", "accuracy")
+    boot = bootstrap(mine, {s: start["test"]["per_question"]["accuracy"] for s in mine})
+    summary["comparisons"]["-:control − start"] = {"by_seed": by_seed, "by_question": boot}
+    row = ["-", "the control keeps its start", "control − start", len(by_seed["accuracy"]["seeds"])]
+    return [[*row, _delta(by_seed["accuracy"]), _boot(boot), _delta(by_seed["chain_accuracy"])]]
 
 
 def _power(summary: dict, test: list[dict], n_test: int, start: dict) -> list[str]:
