@@ -95,7 +95,8 @@ def full_plan() -> Plan:
     # rather than 1000 steps keeps it at the edge of its competence (docs/design.md section 9). 1000 test
     # questions (±1.5 points), 500 validation questions.
     # The arms carry the VFT stage's AdamW moments (aft_optimizer vft): a fresh Adam's first steps move every
-    # weight by about the lr whatever its gradient, which cost the control 1.6 points in the study before.
+    # weight by about the lr whatever its gradient. The control lost 1.6 points to its start with a fresh
+    # AdamW (benchmarks/results/reproduce_fresh_adam.md), 1.1 with the moments carried.
     return Plan(
         base={
             "save_every": 0,
