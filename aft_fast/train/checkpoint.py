@@ -95,10 +95,6 @@ def load(engine, ckpt_dir: str | Path) -> dict[str, Any] | None:
     return client_state
 
 
-def step_of(tag: str) -> int:
-    return int(tag.removeprefix("step"))
-
-
 def carry_moments(engine, ckpt_dir: str | Path, tag: str) -> None:
     """Collective. A fresh engine takes the weights and Adam moments (m, v, step count) of a finished stage's
     checkpoint `tag`, and keeps its own hyperparameters (lr, weight decay, betas) and schedule: torch's

@@ -349,14 +349,17 @@ class _StageRun:
             weight_decay=schedule.weight_decay,
         )
         self.start = 0
+        self.saves_final = (
+            stage == "vft" and cfg.aft_optimizer == "vft"
+        )  # the aft stage carries its moments on
         if saved is None and stage == "aft" and cfg.aft_optimizer == "vft":
             _carry_vft_moments(cfg, dist, self.engine)
         if saved is not None:
             loaded = checkpoint.load(self.engine, self.ckpt_dir)
             assert loaded is not None  # read_state found it above
             self.start = int(loaded["step"])
-            tag = checkpoint.latest_tag(self.ckpt_dir)
-            print0(f"[{stage}] resumed from {self.ckpt_dir / str(tag)} at step {self.start}")
+            tag = checkpoint.tag_for(self.start)
+            print0(f"[{stage}] resumed from {self.ckpt_dir / tag} at step {self.start}")
         self.meter = _Meter(cfg.beta if mode.boundary else None)
         self.tap = _HiddenTap(self.lm) if mode.ranking else None
 
@@ -385,7 +388,7 @@ class _StageRun:
                 logger.log(done, metrics)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
             if (cfg.save_every and done % cfg.save_every == 0 and done < last) or (
-                done == last and self.stage == "vft" and cfg.aft_optimizer == "vft"  # aft carries it on
+                done == last and self.saves_final
             ):
                 state = {"step": done, "stage": self.stage, "world_size": self.dist.world_size}
                 state["config"] = cfg.to_dict()
@@ -446,16 +449,16 @@ def _checkpoint_to_resume(cfg: TrainConfig, dist: Dist, stage: str, ckpt_dir: Pa
 def _carry_vft_moments(cfg: TrainConfig, dist: Dist, engine) -> None:
     """aft_optimizer vft: the engine starts from the VFT stage's final checkpoint (weights, Adam moments)."""
     ckpt_dir = cfg.vft_checkpoints()
-    saved, tag = checkpoint.read_state(ckpt_dir), checkpoint.latest_tag(ckpt_dir)
-    if saved is None or tag is None or saved.get("stage") != "vft":
+    saved = checkpoint.read_state(ckpt_dir)
+    if saved is None or saved.get("stage") != "vft":
         raise InputError(
             f"aft_optimizer vft: no VFT checkpoint in {ckpt_dir}; run the vft stage with aft_optimizer vft "
             "(it then writes its final one), or use aft_optimizer fresh"
         )
-    final = saved["config"].get("vft_steps")
-    if checkpoint.step_of(tag) != final:
+    step, final = saved["step"], saved["config"].get("vft_steps")
+    if step != final:
         raise InputError(
-            f"aft_optimizer vft: the latest checkpoint in {ckpt_dir} is at step {checkpoint.step_of(tag)} of "
+            f"aft_optimizer vft: the latest checkpoint in {ckpt_dir} is at step {step} of "
             f"{final}, not the VFT model's end; run the vft stage with aft_optimizer vft"
         )
     if saved.get("world_size") != dist.world_size:
@@ -463,6 +466,7 @@ def _carry_vft_moments(cfg: TrainConfig, dist: Dist, engine) -> None:
             f"aft_optimizer vft: the VFT checkpoint holds ZeRO-3 shards of {saved.get('world_size')} "
             f"processes; run aft with as many, or use aft_optimizer fresh"
         )
+    tag = checkpoint.tag_for(step)
     checkpoint.carry_moments(engine, ckpt_dir, tag)
     print0(f"[aft] AdamW moments carried over from {ckpt_dir / tag}")
 
